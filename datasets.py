@@ -1,0 +1,510 @@
+"""Datasets, splits, augmentations and the per-step data streams shared by every method.
+
+Layouts (what `--data-root` must hold; see README "Data"):
+  voc        JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png (SBD-merged, grayscale) and/or
+             SegmentationClass/<id>.png (VOC palette PNGs), ImageSets/Segmentation/{train,val}.txt
+             [, train_aug.txt]
+  cityscapes leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png
+  camvid     {train,val}/*.png and {trainannot,valannot}/*.png (SegNet layout; value 11 = void -> 255)
+  toy        nothing: procedural scenes generated from the index
+
+Determinism and resume: the sample seen by process `rank` at iteration t is a pure function of (--seed, t,
+rank): the stream order is a per-epoch permutation drawn from the seed, and each sample's augmentation draws
+come from a generator seeded by (seed, stream, position). So resuming at iteration t restarts the streams at
+t without replaying the loader, and the number of loader workers does not change what is seen.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+IGNORE_INDEX = 255
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle"]
+CITYSCAPES_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+                      (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+                      (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car", "pedestrian",
+                  "bicyclist"]
+CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
+TOY_CLASSES = ["background", "disk", "box", "stripes", "triangle"]
+TOY_PALETTE = [(40, 40, 40), (230, 60, 60), (60, 200, 60), (60, 90, 230), (230, 200, 40)]
+TOY_SIZE, TOY_TRAIN, TOY_VAL = (64, 80), 240, 48  # (H, W) of a toy scene, pool sizes
+
+
+def voc_palette() -> list[tuple]:
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append((r, g, b))
+    return palette[:21]
+
+
+LAYOUTS = {
+    "voc": "JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png or SegmentationClass/<id>.png, "
+           "ImageSets/Segmentation/train.txt and val.txt",
+    "cityscapes": "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
+                  "gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png (make them with scripts/prepare_cityscapes.py)",
+    "camvid": "train/*.png, trainannot/*.png, val/*.png, valannot/*.png (SegNet's 11-class CamVid)",
+}
+# Labeled counts of the standard protocols: fraction -> ceil(fraction x pool) reproduces all of them
+# (classic 92/183/366/732/1464 of 1,464; blender 662/1323/2646/5291 of 10,582; Cityscapes 186/372/744/1488/100).
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Listing the files and resolving splits
+# ----------------------------------------------------------------------------------------------------------
+def _require(path: Path, dataset: str, flag="--data-root") -> Path:
+    if not path.exists():
+        sys.exit(f"{flag}: {path} does not exist. --dataset {dataset} expects under --data-root: {LAYOUTS[dataset]}")
+    return path
+
+
+def _read_list(path: Path) -> list[str]:
+    """Lines of a split file; tolerates a missing final newline (UniMatch) and blank lines."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def list_voc(root: Path, protocol: str):
+    _require(root / "JPEGImages", "voc")
+    sets = _require(root / "ImageSets" / "Segmentation", "voc")
+    aug, fine = root / "SegmentationClassAug", root / "SegmentationClass"
+    if not aug.is_dir() and not fine.is_dir():
+        _require(aug, "voc")
+
+    def mask_of(i):
+        return aug / f"{i}.png" if (aug / f"{i}.png").exists() else fine / f"{i}.png"
+
+    train_fine = _read_list(_require(sets / "train.txt", "voc"))
+    val = _read_list(_require(sets / "val.txt", "voc"))
+    if (sets / "train_aug.txt").exists():
+        pool = _read_list(sets / "train_aug.txt")
+    elif aug.is_dir():
+        val_set = set(val)
+        pool = sorted(p.stem for p in aug.glob("*.png") if p.stem not in val_set)
+    else:
+        pool = list(train_fine)
+        print("warning: no SegmentationClassAug: the training pool is the 1,464 fine images only")
+    entry = lambda i: (root / "JPEGImages" / f"{i}.jpg", mask_of(i), i)  # noqa: E731
+    labeled_pool = train_fine if protocol == "classic" else pool
+    return [entry(i) for i in pool], [entry(i) for i in labeled_pool], [entry(i) for i in val]
+
+
+def list_cityscapes(root: Path):
+    def entries(split):
+        images = sorted(_require(root / "leftImg8bit" / split, "cityscapes").glob("*/*_leftImg8bit.png"))
+        if not images:
+            sys.exit(f"--data-root: no *_leftImg8bit.png under {root / 'leftImg8bit' / split}. Expected "
+                     f"{LAYOUTS['cityscapes']}")
+        return [(p, root / "gtFine" / split / p.parent.name / p.name.replace("leftImg8bit.png",
+                                                                             "gtFine_labelTrainIds.png"),
+                 str(p.relative_to(root))) for p in images]
+    pool = entries("train")
+    return pool, pool, entries("val")
+
+
+def list_camvid(root: Path):
+    def entries(split):
+        images = sorted(_require(root / split, "camvid").glob("*.png"))
+        _require(root / f"{split}annot", "camvid")
+        return [(p, root / f"{split}annot" / p.name, p.name) for p in images]
+    pool = entries("train")
+    return pool, pool, entries("val")
+
+
+def list_toy():
+    pool = [(None, None, i) for i in range(TOY_TRAIN)]
+    return pool, pool, [(None, None, 100_000 + i) for i in range(TOY_VAL)]
+
+
+def split_count(split: str, pool_size: int) -> int:
+    """'full', a count ('183') or a fraction ('1/8' -> ceil(pool/8))."""
+    try:
+        if split == "full":
+            return pool_size
+        if "/" in split:
+            fraction = Fraction(split)
+            if not 0 < fraction <= 1:
+                raise ValueError
+            count = math.ceil(fraction * pool_size)
+        else:
+            count = int(split)
+    except (ValueError, ZeroDivisionError):
+        sys.exit(f"--split {split!r}: expected 'full', a fraction such as 1/8, or a label count such as 183")
+    if not 0 < count <= pool_size:
+        sys.exit(f"--split {split}: {count} labeled images asked for, but the labeled pool has {pool_size}")
+    return count
+
+
+def _sequence(entry) -> str:
+    return entry[2].split("_")[0]  # CamVid: 0001TP_006690.png -> 0001TP
+
+
+def choose_labeled(dataset: str, labeled_pool: list, count: int, seed: int) -> list:
+    """Deterministic labeled subset. CamVid: spread over the three video sequences in proportion to their
+    length and evenly within each (neighbouring frames are near-duplicates); others: uniform random."""
+    rng = np.random.default_rng([seed, 7])
+    if count == len(labeled_pool):
+        return list(labeled_pool)
+    if dataset != "camvid":
+        picked = rng.choice(len(labeled_pool), count, replace=False)
+        return [labeled_pool[i] for i in sorted(picked)]
+    groups: dict[str, list] = {}
+    for e in labeled_pool:
+        groups.setdefault(_sequence(e), []).append(e)
+    names = sorted(groups)
+    exact = [count * len(groups[n]) / len(labeled_pool) for n in names]
+    quota = [int(x) for x in exact]
+    for i in sorted(range(len(names)), key=lambda i: exact[i] - quota[i], reverse=True)[:count - sum(quota)]:
+        quota[i] += 1
+    chosen = []
+    for name, k in zip(names, quota):
+        frames, offset = groups[name], rng.uniform()
+        chosen += [frames[int((j + offset) * len(frames) / k)] for j in range(k)]
+    return chosen
+
+
+def resolve_split(args):
+    """(labeled entries, unlabeled entries, val entries); labeled and unlabeled are disjoint."""
+    root = Path(args.data_root)
+    if args.dataset == "voc":
+        pool, labeled_pool, val = list_voc(root, args.protocol)
+    elif args.dataset == "cityscapes":
+        pool, labeled_pool, val = list_cityscapes(root)
+    elif args.dataset == "camvid":
+        pool, labeled_pool, val = list_camvid(root)
+    else:
+        pool, labeled_pool, val = list_toy()
+    if args.split_dir:
+        by_key = {_key(args.dataset, e[2]): e for e in pool}
+        lists = []
+        for name in ("labeled.txt", "unlabeled.txt"):
+            path = Path(args.split_dir) / name
+            if not path.is_file():
+                sys.exit(f"--split-dir: {path} not found (expected labeled.txt and unlabeled.txt)")
+            keys = [_key(args.dataset, line.split()[0]) for line in _read_list(path)]
+            unknown = [k for k in keys if k not in by_key]
+            if unknown:
+                sys.exit(f"--split-dir: {path} names {len(unknown)} images not in the training pool, e.g. {unknown[:3]}")
+            lists.append([by_key[k] for k in keys])
+        labeled, unlabeled = lists
+        if set(e[2] for e in labeled) & set(e[2] for e in unlabeled):
+            sys.exit(f"--split-dir: labeled.txt and unlabeled.txt of {args.split_dir} overlap")
+        return labeled, unlabeled, val
+    labeled = choose_labeled(args.dataset, labeled_pool, split_count(args.split, len(labeled_pool)), args.seed)
+    taken = set(e[2] for e in labeled)
+    return labeled, [e for e in pool if e[2] not in taken], val
+
+
+def _key(dataset: str, token):
+    """Normalise a split-file token (UniMatch path, U2PL bare id, or our own key) to an entry key."""
+    if dataset == "voc":
+        return Path(token).stem
+    if dataset == "camvid":
+        return Path(token).name
+    if dataset == "toy":
+        return int(token)
+    return token
+
+
+def write_split(path: Path, labeled: list, unlabeled: list) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "labeled.txt").write_text("".join(f"{e[2]}\n" for e in labeled))
+    (path / "unlabeled.txt").write_text("".join(f"{e[2]}\n" for e in unlabeled))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading samples
+# ----------------------------------------------------------------------------------------------------------
+def toy_scene(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """A procedural scene, a pure function of `index`: a textured background with 2-5 objects (disk, box,
+    striped patch, triangle) whose colours overlap between classes, so shape and texture matter."""
+    rng = np.random.default_rng([12345, index])
+    h, w = TOY_SIZE
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(40, 140, 3)
+    image = base + rng.uniform(-0.6, 0.6, 3) * (xx[..., None] + yy[..., None]) + rng.normal(0, 12, (h, w, 3))
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(rng.integers(2, 6)):
+        cls = int(rng.integers(1, 5))
+        cy, cx, r = rng.uniform(8, h - 8), rng.uniform(8, w - 8), rng.uniform(6, 16)
+        if cls == 1:
+            region = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+        elif cls == 2:
+            region = (abs(yy - cy) < r * 0.8) & (abs(xx - cx) < r)
+        elif cls == 3:
+            region = (abs(yy - cy) < r * 0.7) & (abs(xx - cx) < r * 0.9)
+        else:
+            region = (yy > cy - r) & (yy < cy + r) & (abs(xx - cx) < (yy - cy + r) * 0.6)
+        colour = np.array(TOY_PALETTE[cls], np.float32) * rng.uniform(0.6, 1.1) + rng.normal(0, 25, 3)
+        texture = np.where((xx // 3) % 2 == 0, 35.0, -35.0)[..., None] if cls == 3 else 0.0
+        obj = colour + texture + rng.normal(0, 10, (h, w, 3))
+        image = np.where(region[..., None], obj, image)
+        mask[region] = cls
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file missing: {path}") from None
+    except Exception as error:
+        raise ValueError(f"unreadable image {path}: {error}") from None
+
+
+def read_mask(path: Path, dataset: str, num_classes: int) -> Image.Image:
+    """Class-index mask (palette PNGs are read as indices, never converted to colours). Values other than
+    0..K-1 and 255 are an error naming the file."""
+    try:
+        with Image.open(path) as img:
+            mask = np.array(img)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mask file missing: {path}") from None
+    except Exception as error:
+        raise ValueError(f"unreadable mask {path}: {error}") from None
+    if mask.ndim != 2:
+        raise ValueError(f"mask {path} has shape {mask.shape}: expected a single-channel class-index PNG "
+                         f"(grayscale or palette), not colours")
+    if dataset == "camvid":
+        mask = np.where(mask == 11, IGNORE_INDEX, mask)
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        raise ValueError(f"mask {path} holds values {sorted(set(np.unique(mask[bad]).tolist()))[:10]} outside the "
+                         f"{num_classes} classes (0..{num_classes - 1}) and {IGNORE_INDEX} (ignore)")
+    return Image.fromarray(mask.astype(np.uint8))
+
+
+def load_pair(entry, dataset: str, num_classes: int, scale: float, with_mask: bool):
+    image_path, mask_path, key = entry
+    if dataset == "toy":
+        image, mask = toy_scene(key)
+        image, mask = Image.fromarray(image), Image.fromarray(mask)
+    else:
+        image = read_image(image_path)
+        mask = read_mask(mask_path, dataset, num_classes) if with_mask else None
+        if mask is not None and mask.size != image.size:
+            raise ValueError(f"size mismatch: image {image_path} is {image.size[0]}x{image.size[1]} but mask "
+                             f"{mask_path} is {mask.size[0]}x{mask.size[1]} (W x H)")
+    if scale != 1.0:
+        size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+        image = image.resize(size, Image.BILINEAR)
+        mask = mask.resize(size, Image.NEAREST) if mask is not None else None
+    return image, (mask if with_mask else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentations
+# ----------------------------------------------------------------------------------------------------------
+def weak_augment(image: Image.Image, mask: Image.Image | None, crop: tuple[int, int], rng: np.random.Generator,
+                 scale_range=(0.5, 2.0)):
+    """Random rescale (long side x U(0.5, 2.0), aspect kept), pad to the crop (image 0, mask 255, valid False),
+    random crop, horizontal flip p=0.5 (conventions.md §2). Returns uint8 image HxWx3, mask HxW, valid HxW."""
+    w, h = image.size
+    long_side = int(max(h, w) * rng.uniform(*scale_range))
+    if h > w:
+        nh, nw = long_side, int(w * long_side / h + 0.5)
+    else:
+        nw, nh = long_side, int(h * long_side / w + 0.5)
+    image = np.asarray(image.resize((nw, nh), Image.BILINEAR))
+    mask = np.asarray(mask.resize((nw, nh), Image.NEAREST)) if mask is not None else np.zeros((nh, nw), np.uint8)
+    ch, cw = crop
+    ph, pw = max(ch - nh, 0), max(cw - nw, 0)
+    valid = np.ones((nh, nw), bool)
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=0)
+        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
+        valid = np.pad(valid, ((0, ph), (0, pw)), constant_values=False)
+    y, x = rng.integers(0, image.shape[0] - ch + 1), rng.integers(0, image.shape[1] - cw + 1)
+    image, mask, valid = image[y:y + ch, x:x + cw], mask[y:y + ch, x:x + cw], valid[y:y + ch, x:x + cw]
+    if rng.uniform() < 0.5:
+        image, mask, valid = image[:, ::-1], mask[:, ::-1], valid[:, ::-1]
+    return image.copy(), mask.copy(), valid.copy()
+
+
+def strong_photometric(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """UniMatch's strong view without CutMix, on a [3,H,W] float image in [0,1]: colour jitter (0.5, 0.5, 0.5,
+    0.25) with p=0.8 in random order, grayscale p=0.2, Gaussian blur sigma U(0.1, 2.0) with p=0.5."""
+    if rng.uniform() < 0.8:
+        b, c, s, hue = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), rng.uniform(-0.25, 0.25)
+        ops = [lambda t: TF.adjust_brightness(t, b), lambda t: TF.adjust_contrast(t, c),
+               lambda t: TF.adjust_saturation(t, s), lambda t: TF.adjust_hue(t, hue)]
+        for i in rng.permutation(4):
+            image = ops[i](image)
+    if rng.uniform() < 0.2:
+        image = TF.rgb_to_grayscale(image, num_output_channels=3)
+    if rng.uniform() < 0.5:
+        sigma = rng.uniform(0.1, 2.0)
+        k = 2 * math.ceil(3 * sigma) + 1
+        image = TF.gaussian_blur(image, [k, k], [sigma, sigma])
+    return image.clamp(0, 1)
+
+
+def cutmix_box_mask(batch: int, height: int, width: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
+                    device=None) -> torch.Tensor:
+    """bool [B,H,W]: per image, with probability p, one box of area U(area) x H x W and aspect ratio U(ratio),
+    fully inside the image (UniMatch's obtain_cutmix_box); True = take the partner's pixels."""
+    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    draws = torch.rand(batch, 5).tolist()
+    for i, (u, a, r, y, x) in enumerate(draws):
+        if u >= p:
+            continue
+        size = (area[0] + a * (area[1] - area[0])) * height * width
+        aspect = ratio[0] + r * (ratio[1] - ratio[0])
+        bw, bh = min(int(math.sqrt(size / aspect)), width), min(int(math.sqrt(size * aspect)), height)
+        top, left = int(y * (height - bh + 1)), int(x * (width - bw + 1))
+        mask[i, top:top + bh, left:left + bw] = True
+    return mask
+
+
+def classmix_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """bool [B,H,W]: per image, a random half (ceil(n/2)) of the n classes present in its (pseudo-)label map
+    (ClassMix, Olsson et al. 2021); True where the pixel belongs to a chosen class."""
+    masks = []
+    for label in labels:
+        classes = label.unique()
+        classes = classes[classes != ignore_index]
+        chosen = classes[torch.randperm(len(classes), device=label.device)[:(len(classes) + 1) // 2]]
+        masks.append(torch.isin(label, chosen))
+    return torch.stack(masks)
+
+
+def mix(mask: torch.Tensor, partner: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Where mask is True take `partner`, else `base`; works for images [B,C,H,W] and labels [B,H,W] alike."""
+    m = mask if mask.dim() == base.dim() else mask.unsqueeze(1)
+    return torch.where(m, partner, base)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets and per-step streams
+# ----------------------------------------------------------------------------------------------------------
+class SegmentationSet(torch.utils.data.Dataset):
+    """kind 'labeled' -> image, mask; 'unlabeled' -> image (weak), image_strong, valid (False on padding),
+    and never reads a mask; 'val' -> the whole (rescaled) image and its mask. Training items are fetched as
+    (index, seed) pairs from StepBatchSampler."""
+
+    def __init__(self, entries, kind, dataset, num_classes, crop, mean, std, image_scale=1.0):
+        self.entries, self.kind, self.dataset, self.num_classes = entries, kind, dataset, num_classes
+        self.crop, self.image_scale = tuple(crop), image_scale
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.mean) / self.std
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        entry = self.entries[index]
+        image, mask = load_pair(entry, self.dataset, self.num_classes, self.image_scale, self.kind != "unlabeled")
+        if self.kind == "val":
+            image = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+            return {"image": self.normalize(image), "mask": torch.from_numpy(np.array(mask)).long()}
+        rng = np.random.default_rng(seed)
+        image, mask, valid = weak_augment(image, mask, self.crop, rng)
+        image = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        if self.kind == "labeled":
+            return {"image": self.normalize(image), "mask": torch.from_numpy(mask).long()}
+        return {"image": self.normalize(image), "image_strong": self.normalize(strong_photometric(image, rng)),
+                "valid": torch.from_numpy(valid), "index": index}
+
+
+class StepBatchSampler:
+    """Infinite batches for one process, starting at iteration `start`. The stream is a concatenation of
+    per-epoch permutations of the set (drawn from seed and epoch); iteration t of process r takes positions
+    t*B*W + r*B ... + B-1, so processes never share a sample within an iteration and a short set simply
+    wraps into its next permutation (the labeled loader 'cycles')."""
+
+    def __init__(self, size, batch_size, rank, world, seed, stream, start):
+        self.size, self.batch, self.rank, self.world = size, batch_size, rank, world
+        self.seed, self.stream, self.start = seed, stream, start
+        self._perms = {}
+
+    def _index(self, position):
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)}
+        return int(self._perms[epoch][offset])
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            base = (step * self.world + self.rank) * self.batch
+            yield [(self._index(p), [self.seed, self.stream, p]) for p in range(base, base + self.batch)]
+            step += 1
+
+
+# Loaders get their own torch.Generator: creating an iterator draws a seed from it, and that draw must not
+# touch the global RNG that resume restores (nothing in our samples depends on it).
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers only decode and augment; leave the cores to the network
+
+
+def build_data(args, accelerator, mean, std, need_unlabeled=True) -> SimpleNamespace:
+    """Everything a method needs from the data: streams (labeled_stream(t), unlabeled_stream(t)), the val
+    loader (this process's shard), epoch lengths, class names, palette, denormalize, and `probe_set` (a
+    fixed sample of unlabeled training images with their ground truth, for the pseudo-label probe only)."""
+    num_classes = {"voc": 21, "cityscapes": 19, "camvid": 11, "toy": 5}[args.dataset]
+    names = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES, "toy": TOY_CLASSES}
+    palette = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE, "camvid": CAMVID_PALETTE,
+               "toy": TOY_PALETTE}[args.dataset]
+    labeled, unlabeled, val = resolve_split(args)
+    if need_unlabeled and not unlabeled:
+        sys.exit(f"--split {args.split}: no unlabeled images left for a semi-supervised method")
+    common = dict(dataset=args.dataset, num_classes=num_classes, crop=args.crop_size, mean=mean, std=std,
+                  image_scale=args.image_scale)
+    labeled_set = SegmentationSet(labeled, "labeled", **common)
+    unlabeled_set = SegmentationSet(unlabeled, "unlabeled", **common)
+    val_set = SegmentationSet(val, "val", **common)
+    probe_entries = unlabeled[:: max(1, len(unlabeled) // 32)][:32] if args.dataset in ("camvid", "toy") else []
+    probe_set = SegmentationSet(probe_entries, "val", **common)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pin = accelerator.device.type == "cuda"
+
+    def loader(dataset, batch_size, stream, start):
+        sampler = StepBatchSampler(len(dataset), batch_size, rank, world, args.seed, stream, start)
+        return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                                pin_memory=pin, worker_init_fn=_worker_init,
+                                                generator=torch.Generator()))
+
+    val_batch = 1 if args.dataset in ("voc", "cityscapes") else 8  # VOC sizes vary; Cityscapes is large
+    val_shard = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world)))
+    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=val_batch, num_workers=min(args.num_workers, 2),
+                                             worker_init_fn=_worker_init, generator=torch.Generator())
+    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return SimpleNamespace(
+        num_classes=num_classes, class_names=names[args.dataset], palette=palette,
+        labeled=labeled, unlabeled=unlabeled, labeled_set=labeled_set, unlabeled_set=unlabeled_set,
+        val_set=val_set, val_loader=val_loader, probe_set=probe_set,
+        labeled_stream=lambda start: loader(labeled_set, args.batch_size, 1, start),
+        unlabeled_stream=lambda start: loader(unlabeled_set, args.unlabeled_batch_size, 2, start),
+        labeled_epoch=max(1, len(labeled) // (args.batch_size * world)),
+        unlabeled_epoch=max(1, len(unlabeled) // (args.unlabeled_batch_size * world)) if unlabeled else 0,
+        denormalize=lambda image: ((image * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8),
+    )
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

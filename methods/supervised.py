@@ -1,0 +1,91 @@
+"""Supervised-only baseline: the "SupOnly" row of every semi-supervised segmentation table.
+
+DeepLabv3+ trained on the labeled subset only, with the same model, optimiser, schedule and evaluation as the
+semi-supervised methods (conventions.md §4, UniMatch's supervised.py):
+  loss  L_sup = CE(f(x_l), y_l), ignore 255 (OHEM CE on Cityscapes, conventions.md §4)
+  SGD momentum 0.9, wd 1e-4, poly(0.9) per iteration, head lr x10 on VOC, x1 on Cityscapes.
+An epoch here is one pass over the labeled subset (UniMatch's supervised baseline), so `--epochs 80` on 183
+labels is 80 x 183 / 8 iterations; pass `--iters` to match a semi-supervised run's budget exactly.
+`--split full` trains on every labeled image of the pool (the upper bound).
+
+Deviations: none from UniMatch's supervised.py beyond the shared ones in common.py (torchvision-layout ResNet,
+SyncBN only on CUDA). UniMatch doubles the per-GPU batch for its baseline when run on the same GPUs; we keep
+the paper's global batch of 8 labeled images (pass --batch-size to change it).
+
+  accelerate launch methods/supervised.py --dataset voc --data-root data/VOC2012 --split 1/8
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data, to_device  # noqa: E402
+
+# The baseline uses the field's conventions (common.DATASET_DEFAULTS) unchanged; only its loss differs per
+# dataset: OHEM on Cityscapes as in UniMatch's cityscapes.yaml.
+PAPER_DEFAULTS = {"cityscapes": {"ohem": True}}
+
+
+def main(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
+                        help="OHEM cross-entropy (default: on for Cityscapes only)")
+    args = common.resolve_args(parser, PAPER_DEFAULTS, "supervised", argv)
+    args.ohem = bool(args.ohem)
+    accelerator, log = common.setup(args)
+    mean, std = common.normalization(args.backbone)
+    data = build_data(args, accelerator, mean, std, need_unlabeled=False)
+    total = common.total_iterations(args, data.labeled_epoch)
+    eval_every = args.eval_every or data.labeled_epoch
+    log.info(f"{len(data.labeled)} labeled images ({args.split}), {len(data.val_set)} val; {total} iterations")
+
+    # --- network and optimiser -------------------------------------------------------------------------
+    model = common.build_model(args.backbone, data.num_classes, args.pretrained, args.output_stride,
+                               args.decoder_channels)
+    model = common.prepare_network(model, accelerator)
+    optimizer = common.sgd(common.param_groups(model, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state)
+    start = common.maybe_resume(accelerator, args, state, log)
+
+    # --- training ----------------------------------------------------------------------------------------
+    labeled = data.labeled_stream(start)
+    meter, bar = common.LossMeter(), common.progress_bar(accelerator, total, start)
+    model.train()
+    for step in range(start, total):
+        batch = to_device(next(labeled), accelerator.device)
+        lr = common.poly_lr(optimizer, args.lr, step, total)
+        logits = model(batch["image"])
+        if args.ohem:
+            loss_sup = common.ohem_cross_entropy(logits, batch["mask"])
+        else:
+            loss_sup = F.cross_entropy(logits, batch["mask"], ignore_index=common.IGNORE_INDEX)
+        accelerator.backward(loss_sup)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.update(loss_sup=loss_sup)
+        bar.update(1)
+
+        done = step + 1
+        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+            losses = meter.read(accelerator, done, args.out)
+            bar.set_postfix(loss=f"{losses['loss_sup']:.3f}", lr=f"{lr:.2e}")
+            if args.log_with:
+                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+        if done % eval_every == 0 or done == total or done == args.stop_at:
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model, done)
+        if done == args.stop_at:
+            break
+    bar.close()
+    log.info(f"done: best mIoU {state.best_miou:.2f} at iteration {state.best_step}")
+    accelerator.end_training()
+    return state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Evaluate saved weights (OUT/model_best.pt or model_last.pt of any method) with exactly the training
+evaluator: same dataset, mode and mIoU code. Works in one process or under `accelerate launch`.
+
+  python scripts/evaluate.py --weights runs/ctt_voc_1-8_s0/model_best.pt [--data-root ...] [--eval-mode sliding]
+"""
+import argparse
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, help="a model_*.pt file written by a method script")
+    parser.add_argument("--data-root", help="override the dataset folder stored with the weights")
+    parser.add_argument("--eval-mode", choices=["whole", "sliding"])
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--save-confusion", help="write the summed confusion matrix (torch.save) here")
+    cli = parser.parse_args()
+    if not Path(cli.weights).is_file():
+        sys.exit(f"--weights {cli.weights}: no such file")
+    saved = torch.load(cli.weights, map_location="cpu", weights_only=False)
+    args = SimpleNamespace(**saved["args"])
+    args.num_workers, args.log_with = cli.num_workers, None
+    args.data_root = cli.data_root or args.data_root
+    args.eval_mode = cli.eval_mode or args.eval_mode
+    from accelerate import Accelerator
+    import os
+    accelerator = Accelerator(cpu=not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1)
+    mean, std = common.normalization(saved.get("backbone", args.backbone))
+    data = build_data(args, accelerator, mean, std, need_unlabeled=False)
+    model = common.build_model(saved.get("backbone", args.backbone), data.num_classes, "none",
+                               args.output_stride, args.decoder_channels)
+    model.load_state_dict(saved["model"])
+    model.to(accelerator.device)
+    result = common.evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, args.crop_size)
+    if accelerator.is_main_process:
+        print(f"mIoU ({args.eval_mode}, {len(data.val_set)} val images): {result['miou']:.2f}")
+        print("per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
+        if cli.save_confusion:
+            torch.save(result["confusion"], cli.save_confusion)
+
+
+if __name__ == "__main__":
+    main()

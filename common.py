@@ -680,11 +680,16 @@ def save_weights(model: nn.Module, path: Path, **meta) -> None:
     os.replace(tmp, path)
 
 
+_LAST_EVAL_END = [0.0]  # wall time at which the last evaluation/checkpoint finished (excluded from speed)
+
+
 class LossMeter:
-    """Running sums of detached loss terms; read (one host sync) only every --log-every iterations."""
+    """Running sums of detached loss terms; read (one host sync) only every --log-every iterations. Each read
+    also appends the averages and the training seconds per iteration (evaluation time excluded) to
+    OUT/train.jsonl."""
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
 
     def update(self, **terms: torch.Tensor) -> None:
         for k, v in terms.items():
@@ -702,12 +707,18 @@ class LossMeter:
         bad = (~torch.isfinite(values)).any().float()
         if accelerator.num_processes > 1:
             bad = accelerator.reduce(bad, reduction="sum")
-        self.sums, self.count = {}, 0
+        now = time.perf_counter()
+        seconds = (now - max(self.t0, _LAST_EVAL_END[0])) / max(self.count, 1)
+        self.sums, self.count, self.t0 = {}, 0, now
         if bad.item() > 0:
             raise FloatingPointError(
                 f"non-finite loss at iteration {step}: {dict(zip(names, values.tolist()))}. Training stopped; "
                 f"the last good checkpoint is kept in {checkpoint_dir(out)} (try a lower --lr, or fp32).")
-        return dict(zip(names, values.tolist()))
+        result = dict(zip(names, values.tolist()))
+        if accelerator.is_main_process:
+            with open(Path(out) / "train.jsonl", "a") as f:
+                f.write(json.dumps({"iteration": step, **result, "sec_per_iter": round(seconds, 4)}) + "\n")
+        return result
 
 
 def progress_bar(accelerator, total: int, start: int):
@@ -720,16 +731,44 @@ def total_iterations(args, iters_per_epoch: int) -> int:
     return args.iters if args.iters is not None else args.epochs * iters_per_epoch
 
 
+@torch.no_grad()
+def pseudo_label_probe(network: nn.Module, data, accelerator, threshold: float) -> dict:
+    """How good are a method's pseudo-labels? On a fixed sample of *unlabeled training* images (data.probe_set,
+    ground truth read for this probe only; training never sees it): the share of labeled pixels whose
+    confidence passes the method's rule (max softmax >= threshold) and the pixel accuracy of those pixels."""
+    if len(data.probe_set) == 0:
+        return {}
+    was_training = network.training
+    network.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # valid, passed, correct
+    for i in range(accelerator.process_index, len(data.probe_set), accelerator.num_processes):
+        sample = data.probe_set[i]
+        image, gt = sample["image"][None].to(accelerator.device), sample["mask"][None].to(accelerator.device)
+        with accelerator.autocast():
+            confidence, label = network(image).float().softmax(1).max(1)
+        valid = gt != IGNORE_INDEX
+        passed = valid & (confidence >= threshold)
+        counts += torch.stack([valid.sum(), passed.sum(), (passed & (label == gt)).sum()]).double()
+    network.train(was_training)
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    valid, passed, correct = counts.tolist()
+    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3), "pseudo_share": round(100 * passed / max(valid, 1), 3)}
+
+
 def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, model: nn.Module,
                             step: int, extra_models: dict | None = None, pseudo_label_fn=None,
-                            extra_record: dict | None = None) -> float:
+                            extra_record: dict | None = None, probe: tuple | None = None) -> float:
     """One evaluation of `model` (the method's evaluated network; unwrapped or prepared), plus optional
-    extra networks that are logged only; metrics.jsonl, per-class IoU in the log, overlays, best/last
-    weights, then the full resumable checkpoint. Returns the mIoU."""
+    extra networks that are logged only; `probe` = (network that makes the pseudo-labels, confidence
+    threshold) scores pseudo-labels on unlabeled training images (pseudo_label_probe); metrics.jsonl,
+    per-class IoU in the log, overlays, best/last weights, then the full resumable checkpoint. Returns mIoU."""
     window = args.crop_size
     result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window)
     record = {"iteration": step, "miou": round(result["miou"], 3),
               "iou": {n: round(v, 3) for n, v in zip(data.class_names, result["iou"])}, "eval_mode": args.eval_mode}
+    if probe is not None:
+        record.update(pseudo_label_probe(probe[0], data, accelerator, probe[1]))
     for name, other in (extra_models or {}).items():
         record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
                                                 args.eval_mode, window)["miou"], 3)
@@ -740,7 +779,8 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
     record.update(best_miou=round(state.best_miou, 3), best_iteration=state.best_step)
     log.metrics(record)
     log.info(f"[eval {args.eval_mode}] iteration {step}: mIoU {result['miou']:.2f} (best {state.best_miou:.2f} "
-             f"at {state.best_step})" + "".join(f", {k} {v}" for k, v in record.items() if k.startswith("miou_")))
+             f"at {state.best_step})" + "".join(f", {k} {v}" for k, v in record.items()
+                                                if k.startswith("miou_") or k.startswith("pseudo_")))
     log.info("  per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
     if args.log_with:
         accelerator.log({"eval/mIoU": result["miou"], **{f"eval/{n}_IoU": v for n, v in
@@ -756,6 +796,7 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
                           accelerator.device, pseudo_label_fn)
     state.step = step
     save_checkpoint(accelerator, args.out)
+    _LAST_EVAL_END[0] = time.perf_counter()
     return result["miou"]
 
 

@@ -570,10 +570,10 @@ def setup(args: argparse.Namespace):
                               project_dir=args.out)
     set_seed(args.seed, device_specific=True)
     world = accelerator.num_processes
+    if args.unlabeled_batch_size is None:  # as --batch-size when that is given, else the paper's
+        args.unlabeled_batch_size = args.batch_size or max(1, args.global_unlabeled_batch // world)
     if args.batch_size is None:  # keep the paper's global batch whatever the number of processes
         args.batch_size = max(1, args.global_batch // world)
-    if args.unlabeled_batch_size is None:
-        args.unlabeled_batch_size = max(1, args.global_unlabeled_batch // world)
     out = Path(args.out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -732,10 +732,11 @@ def total_iterations(args, iters_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def pseudo_label_probe(network: nn.Module, data, accelerator, threshold: float) -> dict:
+def pseudo_label_probe(network: nn.Module, data, accelerator, rule) -> dict:
     """How good are a method's pseudo-labels? On a fixed sample of *unlabeled training* images (data.probe_set,
     ground truth read for this probe only; training never sees it): the share of labeled pixels whose
-    confidence passes the method's rule (max softmax >= threshold) and the pixel accuracy of those pixels."""
+    confidence passes the method's rule and the pixel accuracy of those pixels. `rule` is a threshold on the
+    max softmax (pixels >= rule pass) or a function confidence [1,H,W] -> bool mask."""
     if len(data.probe_set) == 0:
         return {}
     was_training = network.training
@@ -747,7 +748,7 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, threshold: float) 
         with accelerator.autocast():
             confidence, label = network(image).float().softmax(1).max(1)
         valid = gt != IGNORE_INDEX
-        passed = valid & (confidence >= threshold)
+        passed = valid & (rule(confidence) if callable(rule) else confidence >= rule)
         counts += torch.stack([valid.sum(), passed.sum(), (passed & (label == gt)).sum()]).double()
     network.train(was_training)
     if accelerator.num_processes > 1:
@@ -760,8 +761,8 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
                             step: int, extra_models: dict | None = None, pseudo_label_fn=None,
                             extra_record: dict | None = None, probe: tuple | None = None) -> float:
     """One evaluation of `model` (the method's evaluated network; unwrapped or prepared), plus optional
-    extra networks that are logged only; `probe` = (network that makes the pseudo-labels, confidence
-    threshold) scores pseudo-labels on unlabeled training images (pseudo_label_probe); metrics.jsonl,
+    extra networks that are logged only; `probe` = (network that makes the pseudo-labels, its confidence
+    rule) scores pseudo-labels on unlabeled training images (pseudo_label_probe); metrics.jsonl,
     per-class IoU in the log, overlays, best/last weights, then the full resumable checkpoint. Returns mIoU."""
     window = args.crop_size
     result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window)

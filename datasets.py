@@ -378,15 +378,22 @@ def cutmix_box_mask(batch: int, height: int, width: int, p: float = 0.5, area=(0
     return mask
 
 
-def classmix_mask(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """bool [B,H,W]: per image, a random half (ceil(n/2)) of the n classes present in its (pseudo-)label map
-    (ClassMix, Olsson et al. 2021); True where the pixel belongs to a chosen class."""
+def classmix_mask(labels: torch.Tensor, round_up: bool = True, rng: np.random.Generator | None = None,
+                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """bool [B,H,W]: per image, half of the n classes present in its (pseudo-)label map, chosen uniformly
+    without replacement; True where the pixel belongs to a chosen class. round_up: ceil(n/2) as in the ClassMix
+    paper (Olsson et al. 2021); False: floor(n/2) as Dual Teacher's released code (one class -> empty mask).
+    Draws from `rng` (numpy) when given, else from torch's global generator."""
     masks = []
     for label in labels:
         classes = label.unique()
         classes = classes[classes != ignore_index]
-        chosen = classes[torch.randperm(len(classes), device=label.device)[:(len(classes) + 1) // 2]]
-        masks.append(torch.isin(label, chosen))
+        k = (len(classes) + 1) // 2 if round_up else len(classes) // 2
+        if rng is None:
+            pick = torch.randperm(len(classes), device=label.device)[:k]
+        else:
+            pick = torch.from_numpy(rng.choice(len(classes), k, replace=False)).to(label.device)
+        masks.append(torch.isin(label, classes[pick]))
     return torch.stack(masks)
 
 
@@ -404,8 +411,9 @@ class SegmentationSet(torch.utils.data.Dataset):
     and never reads a mask; 'val' -> the whole (rescaled) image and its mask. Training items are fetched as
     (index, seed) pairs from StepBatchSampler."""
 
-    def __init__(self, entries, kind, dataset, num_classes, crop, mean, std, image_scale=1.0):
+    def __init__(self, entries, kind, dataset, num_classes, crop, mean, std, image_scale=1.0, strong=True):
         self.entries, self.kind, self.dataset, self.num_classes = entries, kind, dataset, num_classes
+        self.strong = strong  # build the photometric strong view (methods that never use it skip the cost)
         self.crop, self.image_scale = tuple(crop), image_scale
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
@@ -427,32 +435,45 @@ class SegmentationSet(torch.utils.data.Dataset):
         image = torch.from_numpy(image).permute(2, 0, 1).float() / 255
         if self.kind == "labeled":
             return {"image": self.normalize(image), "mask": torch.from_numpy(mask).long()}
-        return {"image": self.normalize(image), "image_strong": self.normalize(strong_photometric(image, rng)),
-                "valid": torch.from_numpy(valid), "index": index}
+        sample = {"image": self.normalize(image), "valid": torch.from_numpy(valid), "index": index}
+        if self.strong:
+            sample["image_strong"] = self.normalize(strong_photometric(image, rng))
+        return sample
 
 
 class StepBatchSampler:
-    """Infinite batches for one process, starting at iteration `start`. The stream is a concatenation of
-    per-epoch permutations of the set (drawn from seed and epoch); iteration t of process r takes positions
-    t*B*W + r*B ... + B-1, so processes never share a sample within an iteration and a short set simply
-    wraps into its next permutation (the labeled loader 'cycles')."""
+    """Infinite batches for one process, starting at iteration `start`. Epoch e is a permutation of the set
+    drawn from (seed, stream, e), cut into global batches of B x W images (the leftover < B x W images are
+    dropped, like drop_last, and differ from epoch to epoch); process r takes its B images of each global
+    batch, so no image is repeated within an iteration. A set smaller than one global batch is streamed as a
+    concatenation of permutations instead (the labeled loader 'cycles'; repeats are then unavoidable)."""
 
     def __init__(self, size, batch_size, rank, world, seed, stream, start):
         self.size, self.batch, self.rank, self.world = size, batch_size, rank, world
         self.seed, self.stream, self.start = seed, stream, start
+        self.steps_per_epoch = size // (batch_size * world)
         self._perms = {}
 
-    def _index(self, position):
-        epoch, offset = divmod(position, self.size)
+    def _perm(self, epoch):
         if epoch not in self._perms:
             self._perms = {epoch: np.random.default_rng([self.seed, self.stream, epoch]).permutation(self.size)}
-        return int(self._perms[epoch][offset])
+        return self._perms[epoch]
+
+    def _positions(self, step):
+        """(epoch, offset) of each of this process's samples at `step`; the offset is the sample's unique
+        position, which seeds its augmentation."""
+        global_batch = self.batch * self.world
+        if self.steps_per_epoch > 0:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            first = k * global_batch + self.rank * self.batch
+            return [(epoch, first + j, epoch * self.size + first + j) for j in range(self.batch)]
+        first = (step * self.world + self.rank) * self.batch
+        return [((p // self.size), p % self.size, p) for p in range(first, first + self.batch)]
 
     def __iter__(self):
         step = self.start
         while True:
-            base = (step * self.world + self.rank) * self.batch
-            yield [(self._index(p), [self.seed, self.stream, p]) for p in range(base, base + self.batch)]
+            yield [(int(self._perm(e)[o]), [self.seed, self.stream, p]) for e, o, p in self._positions(step)]
             step += 1
 
 
@@ -462,10 +483,11 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers only decode and augment; leave the cores to the network
 
 
-def build_data(args, accelerator, mean, std, need_unlabeled=True) -> SimpleNamespace:
+def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -> SimpleNamespace:
     """Everything a method needs from the data: streams (labeled_stream(t), unlabeled_stream(t)), the val
     loader (this process's shard), epoch lengths, class names, palette, denormalize, and `probe_set` (a
-    fixed sample of unlabeled training images with their ground truth, for the pseudo-label probe only)."""
+    fixed sample of unlabeled training images with their ground truth, for the pseudo-label probe only).
+    strong=False: unlabeled samples come without the photometric strong view."""
     num_classes = {"voc": 21, "cityscapes": 19, "camvid": 11, "toy": 5}[args.dataset]
     names = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES, "toy": TOY_CLASSES}
     palette = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE, "camvid": CAMVID_PALETTE,
@@ -476,7 +498,7 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True) -> SimpleNames
     common = dict(dataset=args.dataset, num_classes=num_classes, crop=args.crop_size, mean=mean, std=std,
                   image_scale=args.image_scale)
     labeled_set = SegmentationSet(labeled, "labeled", **common)
-    unlabeled_set = SegmentationSet(unlabeled, "unlabeled", **common)
+    unlabeled_set = SegmentationSet(unlabeled, "unlabeled", strong=strong, **common)
     val_set = SegmentationSet(val, "val", **common)
     probe_entries = unlabeled[:: max(1, len(unlabeled) // 32)][:32] if args.dataset in ("camvid", "toy") else []
     probe_set = SegmentationSet(probe_entries, "val", **common)

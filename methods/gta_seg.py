@@ -1,0 +1,294 @@
+"""GTA-Seg: Semi-Supervised Semantic Segmentation via Gentle Teaching Assistant (Jin, Wang, Lin, NeurIPS 2022).
+
+Three DeepLabv3+ networks of the same architecture (spec ../shared/specs/gta_seg.md §1):
+  teacher T    no gradient; EMA of the whole student (parameters only); makes the pseudo-labels; evaluated.
+  assistant A  the "gentle teaching assistant": SGD on the pseudo-label loss L_u only (constant lr, §4).
+  student S    first pulled by EMA towards A on every parameter except the mask predictor (the GTA's "gentle"
+               feature transfer), then SGD on the labeled cross-entropy L_sup only (poly lr).
+One iteration after the supervised-only first epoch (spec §10), t = iteration - one epoch:
+  1. yhat = argmax softmax T_eval(x_u)                                     pseudo-labels on the weak view
+  2. CutMix (p=0.5 per batch) on x_u, with the same boxes on yhat            (spec §3.4)
+  3. z_A = A(x_l ++ x_mix)[unlabeled];  c = max softmax T_train(x_l ++ x_mix)[unlabeled]   (spec §1.4)
+  4. L_u = sum_K (1+c) CE(z_A, yhat) / (sum_K (1+c) + |D|), D = pixels with c <= 20th percentile (spec §2.2)
+  5. A <- SGD step on L_u
+  6. S[n] <- d S[n] + (1-d) A[n] for n outside the mask predictor,  d = min(1 - 1/(t+1), 0.999)   (spec §1.2)
+  7. L_sup = CE(S(x_l ++ x_mix)[labeled], y_l);  S <- SGD step on L_sup
+  8. T <- d T + (1-d) S on all parameters
+An epoch is one pass over the unlabeled set (spec §3.1); the first epoch trains S on L_sup only.
+
+--official-code reproduces what the released code really does (spec §1.3): during the first semi-supervised
+epoch T and A share the student's parameter storage at every step (so A's L_u step moves S and T too), and
+afterwards S's and A's mask-predictor parameters stay the same storage for the rest of training, so pseudo-
+labels do reach the student's mask predictor (two optimisers on one tensor). Default: the paper's method,
+where only L_sup touches the student's mask predictor.
+
+Deviations from the paper / the official code (spec section in brackets), and why:
+- Model: the shared DeepLabv3+ (torchvision-layout ResNet with a 7x7 stem, no multi-grid, ASPP with a 1x1
+  projection, 48-channel low-level projection, no Dropout2d, no representation head) instead of U2PL's variant
+  (§5); one model for every method. Output stride 8 with ASPP rates 12/24/36 as in the code. The "mask
+  predictor" is `fuse` (two 3x3 conv+BN+ReLU) + `classifier` (1x1): the layers after the ASPP/low-level concat,
+  i.e. exactly what U2PL's `decoder.classifier` is, which the code excludes from the TA->student EMA (§1.2, §8.2).
+- Data: the shared weak pipeline (long side x U(0.5, 2.0), pad bottom/right, flip, crop): the crop padding is
+  labeled 255 (ignored), not 0 = background (§3.2, §8.11), and padded unlabeled pixels are left out of L_u (the
+  code has no ignored pixels there: its pads are mean-colour "image"). The unlabeled loader also makes a
+  photometric strong view that GTA-Seg does not use (shared loader; CPU cost only).
+- Evaluation: the shared evaluator (VOC whole image, Cityscapes sliding window), not the code's 513 centre crop
+  with background-labeled padding (§6); best and last mIoU are both logged.
+- BN statistics: at the first semi-supervised step T and A take the student's parameters AND BatchNorm buffers;
+  the code copies parameters only, T and A keeping running statistics from train-mode forwards on labeled
+  images during the warm-up epoch with their own random decoders (§8.12). So T and A run no forward at all
+  during the warm-up epoch, also under --official-code.
+- CutMix boxes are drawn per process from (seed, iteration, rank); the code's numpy streams are identical on
+  all ranks (§8.18). The partner is image (i+1) mod the local batch, as in the code.
+- Resume: A and its optimiser are checkpointed (the code does not, §1.3/§8.15) and under --official-code the
+  shared mask predictor storage is re-established, so a resumed run equals an uninterrupted one.
+- Hyper-parameters the code does not fix: Cityscapes follows U2PL's Cityscapes config (§8.16: crop 769, 16+16,
+  lr 0.01, wd 5e-4, 200 epochs, head lr x1, plain CE); CamVid/toy (this project's CPU datasets) use the shared
+  defaults and EMA caps 0.99 for both EMAs because their runs are ~1,000x shorter than VOC's 69k iterations.
+- One process per GPU and no SyncBN on CPU: BN statistics are per process (the code: SyncBN over 4 GPUs).
+
+  accelerate launch methods/gta_seg.py --dataset voc --data-root data/VOC2012 --split 1/8
+"""
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data, mix, to_device  # noqa: E402
+
+# The paper's (= official code's, spec §3.5, §4) values where they differ from the field's conventions.
+PAPER_DEFAULTS = {
+    "voc": dict(output_stride=8, crop_size=[513, 513], global_batch=12, global_unlabeled_batch=12,  # 3+3 x 4 GPUs
+                lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4, epochs=80, ema_decay=0.999, ta_ema_decay=0.999),
+    "cityscapes": dict(output_stride=8, crop_size=[769, 769], global_batch=16, global_unlabeled_batch=16,
+                       lr=0.01, head_lr_mult=1.0, weight_decay=5e-4, epochs=200, ema_decay=0.999,
+                       ta_ema_decay=0.999),  # spec §8.16: U2PL's Cityscapes config; x1 head (train_gta.py:100)
+    "camvid": dict(ema_decay=0.99, ta_ema_decay=0.99),  # short CPU schedules (docstring)
+    "toy": dict(ema_decay=0.99, ta_ema_decay=0.99),
+}
+MASK_PREDICTOR = ("fuse.", "classifier.")  # = U2PL's decoder.classifier: never EMA'd from the assistant
+
+
+def is_mask_predictor(name: str) -> bool:
+    return name.startswith(MASK_PREDICTOR)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pieces of one iteration
+# ----------------------------------------------------------------------------------------------------------
+def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """np.percentile(values, 100 q) with linear interpolation, on the device (no host copy, no size limit)."""
+    position = (values.numel() - 1) * q
+    low = int(position)
+    high = min(low + 1, values.numel() - 1)
+    v_low, v_high = values.kthvalue(low + 1).values, values.kthvalue(high + 1).values
+    return v_low + (v_high - v_low) * (position - low)
+
+
+def gta_unsup_loss(logits, pseudo_label, confidence, valid, drop_ratio: float = 0.2) -> torch.Tensor:
+    """L_u, spec §2.2 (the code's compute_unsupervised_loss_conf_weight): pixels whose teacher confidence is at
+    or below the local 20th percentile are dropped (D), the kept ones (K) weighted by (1 + c), and each dropped
+    pixel still adds 1 to the normaliser:  L_u = sum_K (1+c) CE / (sum_K (1+c) + |D|)."""
+    c = confidence[valid]
+    if c.numel() == 0:
+        return logits.sum() * 0
+    dropped = valid & (confidence <= percentile(c, drop_ratio))
+    kept = valid & ~dropped
+    ce = F.cross_entropy(logits.float(), pseudo_label.masked_fill(~kept, common.IGNORE_INDEX),
+                         ignore_index=common.IGNORE_INDEX, reduction="none")
+    weight = (1 + confidence) * kept
+    return (weight * ce).sum() / (weight.sum() + dropped.sum())
+
+
+def gta_cutmix(rng: np.random.Generator, p: float, *tensors):
+    """The code's CutMix (spec §3.4): with probability p for the whole batch, each image i gets a box of about
+    half its area (w ~ randint(W/2 + 1, W), h = round(HW/2 / w), uniform position) filled from image (i+1) mod B.
+    The same boxes mix every tensor given (image, pseudo-label, valid mask). Returns (mixed..., box mask)."""
+    b, h, w = tensors[0].shape[0], tensors[0].shape[-2], tensors[0].shape[-1]
+    box = torch.zeros(b, h, w, dtype=torch.bool, device=tensors[0].device)
+    if rng.uniform() < p:
+        for i in range(b):
+            bw = int(rng.integers(int(w / 2 + 1), w))
+            bh = int(np.round(h * w / 2 / bw))
+            x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+            box[i, y0:y0 + bh, x0:x0 + bw] = True
+    return (*[mix(box, t.roll(-1, 0), t) for t in tensors], box)
+
+
+@torch.no_grad()
+def ema_(target, source, decay: float, skip=None, rebind: bool = False) -> None:
+    """target <- decay*target + (1-decay)*source on parameters only: no network ever averages BN buffers
+    (spec §1.1). rebind (--official-code) assigns a new tensor to `.data` like the code, which ends any storage
+    sharing of `target` (and only of `target`, spec §10); otherwise one in-place foreach lerp."""
+    src = dict(source.named_parameters())
+    pairs = [(p, src[n]) for n, p in target.named_parameters() if skip is None or not skip(n)]
+    if rebind:
+        for p, s in pairs:
+            p.data = torch.lerp(p.data, s.data, 1.0 - decay)
+    else:
+        torch._foreach_lerp_([p.data for p, _ in pairs], [s.data for _, s in pairs], 1.0 - decay)
+
+
+def share_storage(target, source, only=None) -> None:
+    """The code's `target_param.data = source_param.data` (spec §1.3): the parameters become views of the same
+    memory, so an in-place optimiser step through either network moves both."""
+    src = dict(source.named_parameters())
+    for n, p in target.named_parameters():
+        if only is None or only(n):
+            p.data = src[n].data
+
+
+def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_student, opt_assistant, args,
+                    accelerator, rng):
+    """One iteration (spec §10). student/assistant may be DDP-wrapped; teacher is a plain frozen module.
+    Returns the detached loss terms and the student's lr."""
+    S, A, T = accelerator.unwrap_model(student), accelerator.unwrap_model(assistant), teacher
+    t = step - args.iters_per_epoch  # semi-supervised step; the first epoch is supervised only (spec §1.2)
+    lr = common.poly_lr(opt_student, args.lr, step, args.total_iters)  # student only: A keeps its base lr (§4)
+    x_l, y_l = batch_l["image"], batch_l["mask"]
+    if t < 0:  # warm-up epoch: L_sup on the student alone (spec §1.3, epoch 0)
+        loss_sup = F.cross_entropy(student(x_l), y_l, ignore_index=common.IGNORE_INDEX)
+        accelerator.backward(loss_sup)
+        opt_student.step()
+        opt_student.zero_grad(set_to_none=True)
+        return {"loss_sup": loss_sup.detach()}, lr
+
+    if t == 0:  # the three networks first agree here (parameters and, our choice, BN buffers; docstring)
+        T.load_state_dict(S.state_dict())
+        A.load_state_dict(S.state_dict())
+    if args.official_code and t < args.iters_per_epoch:  # the code's first semi epoch re-aliases every step
+        share_storage(T, S)
+        share_storage(A, S)
+
+    # Pseudo-labels from the teacher in eval mode on the weak, un-mixed view (spec §1.4 forward 1).
+    with torch.no_grad(), accelerator.autocast():
+        T.eval()
+        pseudo_label = T(batch_u["image"]).float().argmax(1)
+    x_mix, pseudo_label, valid, _ = gta_cutmix(rng, args.cutmix_p, batch_u["image"], pseudo_label,
+                                               batch_u["valid"])
+    x = torch.cat([x_l, x_mix])  # one batch for A, T and S: BN statistics over labeled + unlabeled (§1.4)
+    n_l = x_l.shape[0]
+
+    # Gentle teaching assistant: trained by the pseudo-labels only (spec §2.2, forwards 2 and 3).
+    logits_a = assistant(x)[n_l:]
+    with torch.no_grad(), accelerator.autocast():
+        T.train()  # the code's confidence forward: train-mode BN (also refreshes T's running statistics)
+        confidence = T(x).float().softmax(1).amax(1)[n_l:]
+    loss_u = gta_unsup_loss(logits_a, pseudo_label, confidence, valid, args.drop_ratio)
+    accelerator.backward(loss_u)
+    opt_assistant.step()
+    opt_assistant.zero_grad(set_to_none=True)
+
+    # Gentle transfer: the assistant's feature extractor into the student, mask predictor excluded (§1.2).
+    ema_(S, A, common.ema_decay(t, args.ta_ema_decay), skip=is_mask_predictor, rebind=args.official_code)
+
+    # Student: labeled cross-entropy only (spec §2.1, forward 4).
+    loss_sup = F.cross_entropy(student(x)[:n_l], y_l, ignore_index=common.IGNORE_INDEX)
+    accelerator.backward(loss_sup)
+    opt_student.step()
+    opt_student.zero_grad(set_to_none=True)
+
+    # Teacher: EMA of the whole student (spec §1.2).
+    ema_(T, S, common.ema_decay(t, args.ema_decay), rebind=args.official_code)
+    return {"loss_sup": loss_sup.detach(), "loss_u": loss_u.detach()}, lr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--official-code", action="store_true",
+                        help="reproduce the released code's storage sharing of the student's and the assistant's "
+                             "mask predictor (spec §1.3); default: the paper's method")
+    parser.add_argument("--ema-decay", type=float, help="cap of the teacher's EMA decay (0.999, config.yaml:68)")
+    parser.add_argument("--ta-ema-decay", type=float, help="cap of the assistant->student EMA decay (0.999, "
+                                                           "hard-coded in train_gta.py:418)")
+    parser.add_argument("--drop-ratio", type=float, default=0.2, help="fraction of least confident pixels "
+                                                                      "dropped from L_u (drop_percent 80 kept)")
+    parser.add_argument("--cutmix-p", type=float, default=0.5, help="probability of CutMix per batch (§3.4)")
+    parser.add_argument("--iters-per-epoch", type=int, help="iterations per epoch (default: one pass over the "
+                                                            "unlabeled set); the first epoch is supervised only")
+    args = common.resolve_args(parser, PAPER_DEFAULTS, "gta_seg", argv)
+    accelerator, log = common.setup(args)
+    mean, std = common.normalization(args.backbone)
+    data = build_data(args, accelerator, mean, std, strong=False)  # GTA-Seg has no photometric strong view
+    args.iters_per_epoch = args.iters_per_epoch or data.unlabeled_epoch
+    args.total_iters = common.total_iterations(args, args.iters_per_epoch)
+    total, warmup = args.total_iters, args.iters_per_epoch
+    eval_every = args.eval_every or args.iters_per_epoch
+    log.info(f"{len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled ({args.split}), {len(data.val_set)} val; "
+             f"{total} iterations, the first {warmup} supervised only; "
+             f"{'--official-code (shared mask predictor)' if args.official_code else 'paper mode'}")
+
+    # --- networks and optimisers (T is a frozen copy, outside prepare; A and S each have their own SGD) -----
+    student = common.prepare_network(common.build_model(args.backbone, data.num_classes, args.pretrained,
+                                                        args.output_stride, args.decoder_channels), accelerator)
+    teacher = common.frozen_copy(student)  # all three are overwritten by the student at t = 0
+    assistant = copy.deepcopy(student)
+    opt_student = common.sgd(common.param_groups(student, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
+    opt_assistant = common.sgd(common.param_groups(assistant, args.lr, args.head_lr_mult), args.lr,
+                               args.weight_decay)
+    student, assistant, opt_student, opt_assistant = accelerator.prepare(student, assistant, opt_student,
+                                                                         opt_assistant)
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state, teacher)
+    start = common.maybe_resume(accelerator, args, state, log)
+    if args.official_code and start > warmup:  # the code's S/A mask predictor link survives in memory only
+        share_storage(accelerator.unwrap_model(student), accelerator.unwrap_model(assistant), is_mask_predictor)
+
+    @torch.no_grad()
+    def pseudo_label_overlay(image):  # what L_u uses on this image: the dropped 20% is drawn unlabeled
+        mode = teacher.training
+        prob = teacher.eval()(image).float().softmax(1)
+        teacher.train(mode)
+        confidence, label = prob.max(1)
+        return label.masked_fill(confidence <= percentile(confidence.flatten(), args.drop_ratio), 255)
+
+    # --- training ----------------------------------------------------------------------------------------
+    labeled, unlabeled = data.labeled_stream(start), None  # the unlabeled stream starts after the warm-up
+    meter, bar = common.LossMeter(), common.progress_bar(accelerator, total, start)
+    student.train()
+    assistant.train()
+    for step in range(start, total):
+        batch_l = to_device(next(labeled), accelerator.device)
+        batch_u = None
+        if step >= warmup:
+            if unlabeled is None:
+                unlabeled = data.unlabeled_stream(step)
+            batch_u = to_device(next(unlabeled), accelerator.device)
+        rng = np.random.default_rng([args.seed, 77, step, accelerator.process_index])  # CutMix draws
+        losses, lr = train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_student,
+                                     opt_assistant, args, accelerator, rng)
+        meter.update(**losses)
+        bar.update(1)
+
+        done = step + 1
+        if done % args.log_every == 0 or done % eval_every == 0 or done in (warmup, total, args.stop_at):
+            losses = meter.read(accelerator, done, args.out)
+            bar.set_postfix(lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in losses.items()})
+            if args.log_with:
+                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+        if done % eval_every == 0 or done == total or done == args.stop_at:
+            semi = done > warmup  # the student is evaluated in the warm-up epoch, the teacher after (spec §1.5)
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher if semi else student, done,
+                                           pseudo_label_fn=pseudo_label_overlay if semi else None,
+                                           probe=(teacher if semi else student,  # kept = above the 20% quantile
+                                                  lambda c: c > percentile(c.flatten(), args.drop_ratio)),
+                                           extra_record={"evaluated": "teacher" if semi else "student"})
+        if done == args.stop_at:
+            break
+    bar.close()
+    log.info(f"done: best mIoU {state.best_miou:.2f} at iteration {state.best_step}")
+    accelerator.end_training()
+    return state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""SegKC: Knowledge Consultation for semi-supervised semantic segmentation (Than et al., arXiv 2503.10693, 2025).
+
+DOCUMENTED RECONSTRUCTION, NOT A FAITHFUL REPRODUCTION. The paper's method section and any code were not
+available (../shared/specs/segkc.md, "STATUS: INCOMPLETE"). What is established: Cross Pseudo Supervision
+(CPS) between two heterogeneous networks, a larger "senior" S and a smaller "junior" J, both trained by
+gradient descent (no EMA); bi-directional Knowledge Consultation (KC) at the feature and prediction levels;
+only the junior is deployed. Everything else below is a marked decision [D] of spec §4, with its reason.
+
+One iteration (spec §10), x/y labeled, u unlabeled weak views, M a CutMix box, u' = mix(u, partner(u), M):
+  pseudo-labels (no grad, unmixed images)  p_S = argmax S(u), p_J = argmax J(u), mixed with M like the image
+  L_sup  = CE(S(x), y) + CE(J(x), y)                                         (CPS, spec §3 / §4.2.1)
+  L_cps  = CE(S(u'), mix(p_J)) + CE(J(u'), mix(p_S))                          (CPS+CutMix, spec §3 / §4.2.2)
+  L_feat^{S->J} = mean_px || n(A_J(F_J)) - n(sg F_S) ||^2,  L_feat^{J->S} likewise with A_S   (spec §4.2.3)
+  L_pred^{S->J} = T^2 mean_px KL(softmax(sg s/T) || softmax(j/T)),  L_pred^{J->S} likewise     (spec §4.2.4)
+  L = L_sup + l_cps L_cps + lf_SJ L_feat^{S->J} + lf_JS L_feat^{J->S} + lp_SJ L_pred^{S->J} + lp_JS L_pred^{J->S}
+F_S, F_J are the decoder features that feed each classifier; n() is L2 normalisation over channels; sg = detach.
+
+Decisions [D] (spec §4 skeleton) and their reasons:
+ 1. Backbones: senior ResNet-101, junior ResNet-50 on VOC/Cityscapes (spec §4.1 minimal default; the paper's
+    pair is unknown and probably stronger, spec §2, so its numbers cannot be reproduced with these).
+    CamVid/toy (CPU settings): senior ResNet-18, junior EfficientNet-Lite0, heterogeneous as the paper asks.
+    Both are this project's DeepLabv3+. `--backbone` is an alias of `--junior-backbone`: it names the
+    deployed network, which is what model_*.pt holds and scripts/evaluate.py rebuilds.
+ 2. CPS exactly as CPS+CutMix (spec §3): hard argmax pseudo-labels, no threshold, unlabeled images only,
+    weak views only (no colour augmentation), l_cps 1.5 VOC / 6 Cityscapes (TorchSemiSeg configs), OHEM
+    supervised CE on Cityscapes (CPS; the shared helper's UniMatch settings, thresh 0.7, min_kept 200k),
+    separate forward passes for labeled and mixed images (as CPS: BN statistics per batch). Every pair is
+    mixed (CPS mixes every sample); the box is the shared UniMatch box (area 2-40 % of the crop), CPS's own
+    box generator is not reproduced (the spec leaves it open).
+ 3. The CutMix partner of image i is image i-1 of the same batch (a roll), not a second loader (conventions
+    §2: mixing within the batch performs the same). Hence ONE no-grad pass per network: the partner's
+    pseudo-labels are the rolled pseudo-labels (BatchNorm batch statistics do not depend on the order).
+    With one unlabeled image per process an image is mixed with itself (a warning is logged).
+ 4. Feature KC on the decoder feature (stride 4), adapters A_J: C_J->C_S and A_S: C_S->C_J, each a 1x1 conv
+    + BN (the "lightweight feature alignment module"), resized to the junior's feature size if they differ;
+    distance = squared L2 between channel-normalised vectors (2 - 2 cos, robust to the scale gap between
+    heterogeneous backbones), averaged over non-padded pixels. An adapter trains with its owner only
+    (targets detached) and is not built when its direction's weight is 0.
+ 5. Prediction KC: KL with temperature T (default 1) times T^2, averaged over non-padded pixels.
+ 6. KC is applied to the mixed unlabeled image; each target is the consulted network's own (detached) output
+    for that same mixed image, so both sides are pixel-aligned and no extra pass is needed (spec §10).
+ 7. Reading (a) of spec §4.3 by default (unconditional mutual consultation). `--selective` gives reading
+    (b): a network consults only at pixels where the consulted network's max probability is strictly higher
+    than its own; the gate multiplies both levels of that direction (nearest-resized for features) and the
+    normaliser stays the number of non-padded pixels.
+ 8. All KC weights 1.0, no ramp-up (unknown, spec §11.5).
+ 9. Optimisation (spec §6 for a ResNet pair = CPS's §3 values): SGD m 0.9, wd 1e-4 on every parameter
+    (the shared optimiser), poly 0.9, the same lr for head and backbone (spec §3 gives one lr), VOC lr
+    0.005 crop 512, Cityscapes lr 0.04 crop 800, global batch 16 labeled + 16 unlabeled, 34 (VOC, CPS's 1/8
+    value) / 137 (Cityscapes) epochs, an epoch = a pass over the unlabeled set.
+    One SGD holds four parameter groups: senior backbone, senior head + A_S, junior backbone, junior head +
+    A_J, i.e. the adapters are grouped with their owner. SGD is per parameter, so this is exactly two
+    per-network optimisers, and fp16's loss scaler is updated once per iteration (not once per optimiser).
+10. Inputs are normalised for the junior (so the deployed weights and evaluate.py agree); the senior gets a
+    fixed affine map to its own statistics when its pretraining used others (ResNet vs Lite0).
+11. Evaluation: the junior (reported metric, model_best.pt / model_last.pt); the senior is evaluated and
+    logged as miou_senior (no S+J ensemble: it is never deployed). Overlays show the senior's pseudo-label
+    (what supervises the junior).
+Cost per iteration: 2 forward passes without gradient (S and J on the unlabeled batch, never repeated) and
+4 forward+backward passes (S and J on the labeled batch and on the mixed batch), plus two 1x1 adapters.
+
+  accelerate launch methods/segkc.py --dataset voc --data-root data/VOC2012 --split 1/8
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data, cutmix_box_mask, mix, to_device  # noqa: E402
+
+IGNORE = common.IGNORE_INDEX
+# Paper values where known (CPS's for the base method, spec §3/§6); the rest from common.DATASET_DEFAULTS.
+PAPER_DEFAULTS = {
+    "voc": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=1.5, lr=0.005, head_lr_mult=1.0,
+                crop_size=[512, 512], global_batch=16, global_unlabeled_batch=16, epochs=34),
+    "cityscapes": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=6.0, lr=0.04,
+                       head_lr_mult=1.0, crop_size=[800, 800], global_batch=16, global_unlabeled_batch=16,
+                       epochs=137, ohem=True),
+    "camvid": dict(senior_backbone="resnet18", junior_backbone="efficientnet_lite0", lambda_cps=1.5),
+    "toy": dict(senior_backbone="resnet18", junior_backbone="efficientnet_lite0", lambda_cps=1.5),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loss terms (spec §3, §4.2). Targets are detached inside each function.
+# ------------------------------------------------------------------------------------------------------------
+def hard_pseudo_labels(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """CPS pseudo-label: argmax (hard, no threshold, no gradient); padded pixels become ignore."""
+    return logits.detach().argmax(1).masked_fill(~valid, IGNORE)
+
+
+def partner(t: torch.Tensor) -> torch.Tensor:
+    """CutMix partner of image i: image i-1 of the batch (decision 3)."""
+    return t.roll(1, 0)
+
+
+def cps_loss(logits_s, logits_j, target_s, target_j) -> torch.Tensor:
+    """L_cps = CE(s, y_J) + CE(j, y_S): each network learns from the other's hard pseudo-label (spec §3)."""
+    return (F.cross_entropy(logits_s, target_s, ignore_index=IGNORE)
+            + F.cross_entropy(logits_j, target_j, ignore_index=IGNORE))
+
+
+def feature_consultation(adapted, target, gate, valid) -> torch.Tensor:
+    """L_feat = sum_px gate * ||n(A(F_consulter)) - n(sg F_consulted)||^2 / #valid px (spec §4.2.3, decision 4)."""
+    target = target.detach()
+    dist = (F.normalize(adapted.float(), dim=1) - F.normalize(target.float(), dim=1)).pow(2).sum(1)
+    gate, valid = _at(gate, dist), _at(valid, dist)
+    return (dist * gate * valid).sum() / valid.sum().clamp(min=1)
+
+
+def prediction_consultation(consulter, consulted, temperature, gate, valid) -> torch.Tensor:
+    """L_pred = T^2 sum_px gate * KL(softmax(sg consulted/T) || softmax(consulter/T)) / #valid px (spec §4.2.4)."""
+    log_t = (consulted.detach().float() / temperature).log_softmax(1)
+    log_s = (consulter.float() / temperature).log_softmax(1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(1)
+    valid = valid.float()
+    return temperature ** 2 * (kl * gate * valid).sum() / valid.sum().clamp(min=1)
+
+
+def selective_gate(consulter, consulted) -> torch.Tensor:
+    """Reading (b) of spec §4.3: 1 where the consulted network is strictly more confident than the consulter."""
+    return (consulted.detach().softmax(1).amax(1) > consulter.detach().softmax(1).amax(1)).float()
+
+
+def _at(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-pixel [B,H,W] mask at the resolution of `like` [B,h,w] (nearest)."""
+    mask = mask.float()
+    if mask.shape[-2:] != like.shape[-2:]:
+        mask = F.interpolate(mask[:, None], size=like.shape[-2:], mode="nearest")[:, 0]
+    return mask
+
+
+def kc_weights(args) -> dict:
+    return {"sup": 1.0, "cps": args.lambda_cps, "feat_s2j": args.kc_feat_s2j, "feat_j2s": args.kc_feat_j2s,
+            "pred_s2j": args.kc_pred_s2j, "pred_j2s": args.kc_pred_j2s}
+
+
+def iteration_losses(args, senior, junior, adapter_s, adapter_j, x, y, u, valid, box):
+    """Every loss term of one iteration (spec §10). adapter_X is None when its direction's weight is 0.
+    Returns (terms, info); total = sum_k weight_k * terms[k]."""
+    w = kc_weights(args)
+    with torch.no_grad():  # one pass per network on the unmixed batch (decision 3): the CPS pseudo-labels
+        pseudo_s, pseudo_j = hard_pseudo_labels(senior(u), valid), hard_pseudo_labels(junior(u), valid)
+    u_mix, valid_mix = mix(box, partner(u), u), mix(box, partner(valid), valid)
+    target_j = mix(box, partner(pseudo_s), pseudo_s)  # the senior's mixed pseudo-label supervises the junior
+    target_s = mix(box, partner(pseudo_j), pseudo_j)
+    s_l, j_l = senior(x), junior(x)
+    s_m, feat_s = senior(u_mix, return_features=True)
+    j_m, feat_j = junior(u_mix, return_features=True)
+
+    if args.ohem:
+        sup = common.ohem_cross_entropy(s_l, y) + common.ohem_cross_entropy(j_l, y)
+    else:
+        sup = F.cross_entropy(s_l, y, ignore_index=IGNORE) + F.cross_entropy(j_l, y, ignore_index=IGNORE)
+    terms = {"sup": sup, "cps": cps_loss(s_m, j_m, target_s, target_j)}
+    ones = torch.ones_like(valid_mix, dtype=torch.float)
+    gate_s2j = selective_gate(j_m, s_m) if args.selective else ones  # the junior consults the senior here
+    gate_j2s = selective_gate(s_m, j_m) if args.selective else ones
+    to_j = lambda f: f if f.shape[-2:] == feat_j.shape[-2:] else common.upsample(f, feat_j.shape[-2:])  # noqa: E731
+    if adapter_j is not None:  # compared at the junior's feature resolution (decision 4)
+        terms["feat_s2j"] = feature_consultation(adapter_j(feat_j), to_j(feat_s), gate_s2j, valid_mix)
+    if adapter_s is not None:
+        terms["feat_j2s"] = feature_consultation(to_j(adapter_s(feat_s)), feat_j, gate_j2s, valid_mix)
+    if w["pred_s2j"] > 0:
+        terms["pred_s2j"] = prediction_consultation(j_m, s_m, args.kc_temperature, gate_s2j, valid_mix)
+    if w["pred_j2s"] > 0:
+        terms["pred_j2s"] = prediction_consultation(s_m, j_m, args.kc_temperature, gate_j2s, valid_mix)
+    info = {}
+    if args.selective:  # logged: the fraction of valid pixels where each network consults the other
+        info = {f"consult_{k}": (g * valid_mix).sum() / valid_mix.sum().clamp(min=1)
+                for k, g in (("s2j", gate_s2j), ("j2s", gate_j2s))}
+    return terms, info
+
+
+def total_loss(terms: dict, args) -> torch.Tensor:
+    w = kc_weights(args)
+    return sum(w[k] * v for k, v in terms.items())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Networks
+# ------------------------------------------------------------------------------------------------------------
+class Senior(nn.Module):
+    """The senior network fed in its own input normalisation (decision 10). Batches are normalised for the
+    junior; x_S = (x_J * std_J + mean_J - mean_S) / std_S is a fixed per-channel affine map (identity when
+    both backbones share ImageNet statistics)."""
+
+    def __init__(self, net: nn.Module, junior_norm, senior_norm):
+        super().__init__()
+        self.net = net
+        (mj, sj), (ms, ss) = [(torch.tensor(m).view(1, 3, 1, 1), torch.tensor(s).view(1, 3, 1, 1))
+                              for m, s in (junior_norm, senior_norm)]
+        self.register_buffer("scale", sj / ss, persistent=False)
+        self.register_buffer("shift", (mj - ms) / ss, persistent=False)
+
+    def forward(self, x, return_features: bool = False):
+        return self.net(x * self.scale + self.shift, return_features)
+
+
+def adapter(channels_in: int, channels_out: int) -> nn.Module:
+    """The training-only feature alignment module: 1x1 conv + BN (decision 4)."""
+    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, bias=False), nn.BatchNorm2d(channels_out))
+
+
+def build_networks(args, num_classes):
+    """(senior, junior, adapter_s, adapter_j), unprepared. Both networks share --decoder-channels, so the
+    adapters are C->C; they are kept general (and resized) for other decoders."""
+    junior = common.build_model(args.junior_backbone, num_classes, args.pretrained, args.output_stride,
+                                args.decoder_channels)
+    senior_net = common.build_model(args.senior_backbone, num_classes, args.senior_pretrained, args.output_stride,
+                                    args.decoder_channels)
+    senior = Senior(senior_net, common.normalization(args.junior_backbone),
+                    common.normalization(args.senior_backbone))
+    c_s, c_j = senior_net.classifier.in_channels, junior.classifier.in_channels
+    adapter_j = adapter(c_j, c_s) if args.kc_feat_s2j > 0 else None  # junior consults senior features
+    adapter_s = adapter(c_s, c_j) if args.kc_feat_j2s > 0 else None
+    return senior, junior, adapter_s, adapter_j
+
+
+def parse_args(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser._option_string_actions["--backbone"].help = (  # two networks: --backbone names the junior
+        "alias of --junior-backbone (the deployed network, saved in model_*.pt); the senior is --senior-backbone")
+    parser.add_argument("--senior-backbone", choices=common.BACKBONES,
+                        help="S, training only (default resnet101; camvid/toy resnet18)")
+    parser.add_argument("--junior-backbone", choices=common.BACKBONES,
+                        help="J, the evaluated and deployed network (default resnet50; camvid/toy efficientnet_lite0)")
+    parser.add_argument("--senior-pretrained",
+                        help="the senior's weights: imagenet, none or a path (default: as --pretrained, the junior's)")
+    parser.add_argument("--lambda-cps", type=float, help="CPS weight (1.5 VOC, 6 Cityscapes: CPS configs)")
+    for name, what in (("feat-s2j", "feature KC, junior consults senior"),
+                       ("feat-j2s", "feature KC, senior consults junior"),
+                       ("pred-s2j", "prediction KC, junior consults senior"),
+                       ("pred-j2s", "prediction KC, senior consults junior")):
+        parser.add_argument(f"--kc-{name}", type=float, default=1.0, help=f"weight of {what}; 0 switches it off [D]")
+    parser.add_argument("--kc-temperature", type=float, default=1.0, help="T of the prediction-level KL [D]")
+    parser.add_argument("--selective", action="store_true",
+                        help="consult only where the consulted network is more confident (spec §4.3 reading b)")
+    parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
+                        help="OHEM supervised CE (default: Cityscapes only, as CPS)")
+    given = parser.parse_known_args(argv)[0]  # which backbone flags were typed, before defaults fill them
+    args = common.resolve_args(parser, PAPER_DEFAULTS, "segkc", argv)
+    if given.backbone is not None:
+        if given.junior_backbone not in (None, given.backbone):
+            parser.error("--backbone is an alias of --junior-backbone; they disagree")
+        args.junior_backbone = given.backbone
+    args.backbone = args.junior_backbone  # what evaluate.py rebuilds from model_*.pt: the junior
+    args.senior_pretrained = args.senior_pretrained or args.pretrained
+    args.ohem = bool(args.ohem)
+    if args.kc_temperature <= 0:
+        parser.error("--kc-temperature must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator, log = common.setup(args)
+    mean, std = common.normalization(args.junior_backbone)
+    data = build_data(args, accelerator, mean, std)
+    total = common.total_iterations(args, data.unlabeled_epoch)
+    eval_every = args.eval_every or data.unlabeled_epoch
+    log.info(f"{len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled ({args.split}), {len(data.val_set)} val; "
+             f"{total} iterations")
+    if args.unlabeled_batch_size == 1:
+        log.info("warning: 1 unlabeled image per process: CutMix mixes each image with itself (decision 3)")
+
+    # --- networks and optimiser ----------------------------------------------------------------------------
+    senior, junior, adapter_s, adapter_j = build_networks(args, data.num_classes)
+    size = {name: sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0.0
+            for name, m in (("J", junior), ("S", senior), ("A_S", adapter_s), ("A_J", adapter_j))}
+    log.info(f"junior {args.junior_backbone} (deployed) {size['J']:.2f}M params, senior {args.senior_backbone} "
+             f"{size['S']:.2f}M, adapters (training only) {size['A_S'] + size['A_J']:.3f}M")
+    senior, junior = common.prepare_network(senior, accelerator), common.prepare_network(junior, accelerator)
+    adapter_s, adapter_j = [common.prepare_network(a, accelerator) if a is not None else None
+                            for a in (adapter_s, adapter_j)]
+    groups = []
+    for net, owned in ((senior.net, adapter_s), (junior, adapter_j)):  # each adapter in its owner's head group
+        backbone, head = common.param_groups(net, args.lr, args.head_lr_mult)
+        head["params"] = head["params"] + (list(owned.parameters()) if owned is not None else [])
+        groups += [backbone, head]
+    optimizer = common.sgd(groups, args.lr, args.weight_decay)
+    senior, junior, optimizer = accelerator.prepare(senior, junior, optimizer)
+    adapter_s, adapter_j = [accelerator.prepare(a) if a is not None else None for a in (adapter_s, adapter_j)]
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state)
+    start = common.maybe_resume(accelerator, args, state, log)
+    senior_eval = accelerator.unwrap_model(senior)
+
+    @torch.no_grad()
+    def senior_pseudo_label(image):  # overlays: the senior's pseudo-label, i.e. what supervises the junior
+        senior_eval.eval()
+        label = senior_eval(image).argmax(1)
+        senior_eval.train()
+        return label
+
+    # --- training -------------------------------------------------------------------------------------------
+    labeled, unlabeled = data.labeled_stream(start), data.unlabeled_stream(start)
+    meter, bar = common.LossMeter(), common.progress_bar(accelerator, total, start)
+    for m in (senior, junior, *[a for a in (adapter_s, adapter_j) if a is not None]):
+        m.train()
+    for step in range(start, total):
+        lab = to_device(next(labeled), accelerator.device)
+        unl = to_device(next(unlabeled), accelerator.device)
+        lr = common.poly_lr(optimizer, args.lr, step, total)
+        u, valid = unl["image"], unl["valid"]
+        box = cutmix_box_mask(u.shape[0], u.shape[2], u.shape[3], p=1.0, device=u.device)  # decision 2
+        terms, info = iteration_losses(args, senior, junior, adapter_s, adapter_j, lab["image"], lab["mask"],
+                                       u, valid, box)
+        loss = total_loss(terms, args)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.update(loss=loss, **{f"loss_{k}": v for k, v in terms.items()}, **info)
+        bar.update(1)
+
+        done = step + 1
+        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+            losses = meter.read(accelerator, done, args.out)
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", cps=f"{losses['loss_cps']:.3f}", lr=f"{lr:.2e}")
+            if args.log_with:
+                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+        if done % eval_every == 0 or done == total or done == args.stop_at:
+            # probe: the senior's pseudo-labels (what the junior learns from); CPS keeps every pixel (rule 0)
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, junior, done,
+                                           extra_models={"senior": senior_eval}, pseudo_label_fn=senior_pseudo_label,
+                                           probe=(senior_eval, 0.0))
+        if done == args.stop_at:
+            break
+    bar.close()
+    log.info(f"done: junior best mIoU {state.best_miou:.2f} at iteration {state.best_step}")
+    accelerator.end_training()
+    return state
+
+
+if __name__ == "__main__":
+    main()

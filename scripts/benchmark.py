@@ -16,13 +16,11 @@ Prints a markdown table and writes JSON.
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,19 +40,24 @@ PASSES = {
     "gta_seg": [("fwd", U, "net"), ("fwd", L + U, "net"), ("train", L + U, "net"), ("train", L + U, "net")],
     # active teacher on the weak view; student on [labeled, mixed] and on the strong view (dual_teacher.py)
     "dual_teacher": [("fwd", U, "net"), ("train", L + U, "net"), ("train", U, "net")],
-    # per pair: its teacher on the weak unlabeled view and on the labeled batch (bank), its student on
-    # labeled + strong mixed view (ctt.py, 2 pairs)
-    "ctt": [("fwd", U + L, "net")] * 2 + [("train", L + U, "net")] * 2,
-    # both networks: pseudo-labels on the unmixed pair (no grad), then training on labeled + mixed (segkc.py)
-    "segkc": [("fwd", 2 * U, "senior"), ("fwd", 2 * U, "net"), ("train", L + U, "senior"), ("train", L + U, "net")],
+    # per pair: its teacher on the weak unlabeled view, its student on labeled + mixed strong view, its updated
+    # teacher on the labeled batch to fill the bank (ctt.py, 2 pairs)
+    "ctt": [("fwd", U, "net")] * 2 + [("train", L + U, "net")] * 2 + [("fwd", L, "net")] * 2,
+    # each network: pseudo-labels on the unmixed batch (no grad, once), then training on the labeled batch and
+    # on the mixed batch in separate passes (segkc.py)
+    "segkc": [("fwd", U, "senior"), ("fwd", U, "net"), ("train", L, "senior"), ("train", U, "senior"),
+              ("train", L, "net"), ("train", U, "net")],
 }
 SENIOR = {"efficientnet_lite0": "resnet18", "resnet18": "resnet50"}  # SegKC's heavier partner in this benchmark
 
 
 def method_flags(method: str, backbone: str) -> list:
+    """Every loss switched on from the first iterations: GTA-Seg's supervised-only first epoch lasts one
+    iteration, CTT's contrastive losses start at iteration 1 instead of when the banks are full."""
     if method == "segkc":
         return ["--junior-backbone", backbone, "--senior-backbone", SENIOR[backbone]]
-    return ["--backbone", backbone]
+    extra = {"gta_seg": ["--iters-per-epoch", "1"], "ctt": ["--contrast-after", "1"]}.get(method, [])
+    return ["--backbone", backbone, *extra]
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -501,3 +501,18 @@ def test_crash_during_checkpoint_keeps_a_resumable_state(accelerator, tmp_path, 
     assert not (tmp_path / "checkpoints" / "last").exists()
     state.step = 0
     assert common.maybe_resume(accelerator, args, state, log) == 3  # from last.old
+
+
+def test_ohem_cross_entropy_closed_form():
+    """Hard pixels (true-class probability <= 0.7) are averaged; at least min_kept hardest are kept; 255 ignored."""
+    import torch.nn.functional as F
+    # 4 valid pixels with true-class probabilities 0.9, 0.8, 0.6, 0.3 (2 classes), one ignored pixel
+    p = torch.tensor([0.9, 0.8, 0.6, 0.3, 0.5])
+    logits = torch.stack([torch.log(p), torch.log(1 - p)]).view(1, 2, 1, 5)
+    target = torch.tensor([[[0, 0, 0, 0, 255]]])
+    ce = -torch.log(p[:4])
+    assert torch.allclose(common.ohem_cross_entropy(logits, target, 0.7, 1), ce[2:].mean())
+    assert torch.allclose(common.ohem_cross_entropy(logits, target, 0.7, 3), ce[1:].mean())  # 3 hardest kept
+    assert torch.allclose(common.ohem_cross_entropy(logits, target, 0.7, 100), ce.mean())
+    assert torch.allclose(common.ohem_cross_entropy(logits, target, 0.95, 1),
+                          F.cross_entropy(logits, target, ignore_index=255))

@@ -814,7 +814,8 @@ def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo
     model.eval()
     colors = [tuple(c) for c in data.palette]
     tiles = []
-    for i in range(min(count, len(data.val_set))):
+    n = min(count, len(data.val_set))
+    for i in [k * len(data.val_set) // n for k in range(n)]:  # spread over val (video frames repeat)
         sample = data.val_set[i]
         image = sample["image"].unsqueeze(0).to(device)
         labels = [sample["mask"], model(image).argmax(1)[0].cpu()]

@@ -100,6 +100,15 @@ def assert_resume_equivalent(script: str, args: list, tmp_path: Path, iters: int
     return a
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use tiny tensors: more intra-op threads only fight over the shared cores (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

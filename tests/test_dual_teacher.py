@@ -16,15 +16,6 @@ from methods import dual_teacher as dt
 K = 3  # classes of the tiny model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: more threads only fight over the shared cores (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_args(**kw):
     base = dict(backbone="resnet18", pretrained="none", output_stride=16, decoder_channels=8, drop_path=0.1,
                 iters_per_epoch=3, seed=0, ohem=False, ic_valid_from_labeled=False, ema_step="epoch")

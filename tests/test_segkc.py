@@ -19,15 +19,6 @@ i = TINY.index("--backbone")
 PAIR = [*TINY[:i], *TINY[i + 2:], "--senior-backbone", "resnet18", "--junior-backbone", "efficientnet_lite0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on shared cores: one intra-op thread is several times faster than two (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_args(**kw):
     """Unit tests use ResNet-18 for both (fast on CPU); the e2e runs use the heterogeneous pair."""
     base = dict(senior_backbone="resnet18", junior_backbone="resnet18", pretrained="none",

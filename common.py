@@ -740,12 +740,14 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule) -> dict:
     """How good are a method's pseudo-labels? On a fixed sample of *unlabeled training* images (data.probe_set,
     ground truth read for this probe only; training never sees it): the share of labeled pixels whose
     confidence passes the method's rule and the pixel accuracy of those pixels. `rule` is a threshold on the
-    max softmax (pixels >= rule pass) or a function confidence [1,H,W] -> bool mask."""
+    max softmax (pixels >= rule pass) or a function confidence [1,H,W] -> bool mask. The share depends on each
+    method's rule, so the accuracy over *all* labeled pixels (pseudo_acc_all) is logged too: the one figure
+    comparable across methods."""
     if len(data.probe_set) == 0:
         return {}
     was_training = network.training
     network.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # valid, passed, correct
+    counts = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # valid, passed, correct, all correct
     for i in range(accelerator.process_index, len(data.probe_set), accelerator.num_processes):
         sample = data.probe_set[i]
         image, gt = sample["image"][None].to(accelerator.device), sample["mask"][None].to(accelerator.device)
@@ -753,12 +755,14 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule) -> dict:
             confidence, label = network(image).float().softmax(1).max(1)
         valid = gt != IGNORE_INDEX
         passed = valid & (rule(confidence) if callable(rule) else confidence >= rule)
-        counts += torch.stack([valid.sum(), passed.sum(), (passed & (label == gt)).sum()]).double()
+        correct = valid & (label == gt)
+        counts += torch.stack([valid.sum(), passed.sum(), (passed & correct).sum(), correct.sum()]).double()
     network.train(was_training)
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")
-    valid, passed, correct = counts.tolist()
-    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3), "pseudo_share": round(100 * passed / max(valid, 1), 3)}
+    valid, passed, correct, all_correct = counts.tolist()
+    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3), "pseudo_share": round(100 * passed / max(valid, 1), 3),
+            "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3)}
 
 
 def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, model: nn.Module,

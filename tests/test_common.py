@@ -516,3 +516,34 @@ def test_ohem_cross_entropy_closed_form():
     assert torch.allclose(common.ohem_cross_entropy(logits, target, 0.7, 100), ce.mean())
     assert torch.allclose(common.ohem_cross_entropy(logits, target, 0.95, 1),
                           F.cross_entropy(logits, target, ignore_index=255))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pseudo_label_probe: closed form on a model whose logits are fixed per pixel
+# ----------------------------------------------------------------------------------------------------------
+class _FixedLogits(nn.Module):
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[None]
+
+
+def test_pseudo_label_probe_closed_form(accelerator):
+    # 4 pixels, 2 classes. Confidences 0.9 (class 0), 0.6 (class 1), 0.99 (class 1), 0.7 (class 0) via logits.
+    conf = torch.tensor([0.9, 0.6, 0.99, 0.7])
+    label = torch.tensor([0, 1, 1, 0])
+    logit = torch.log(conf / (1 - conf))  # softmax over [logit, 0] gives conf for the first entry
+    logits = torch.zeros(2, 1, 4)
+    logits[label, 0, torch.arange(4)] = logit
+    gt = torch.tensor([[[0, 0, 1, 255]]])  # pixel 1 wrong, pixel 3 ignored
+    data = SimpleNamespace(probe_set=[{"image": torch.zeros(3, 1, 4), "mask": gt[0]}])
+    out = common.pseudo_label_probe(_FixedLogits(logits), data, accelerator, 0.8)
+    # valid = 3 pixels; pass 0.8: pixels 0 and 2 (both right); all-pixel: 2 of 3 right
+    assert out == {"pseudo_acc": 100.0, "pseudo_share": pytest.approx(66.667, abs=1e-3),
+                   "pseudo_acc_all": pytest.approx(66.667, abs=1e-3)}
+    out = common.pseudo_label_probe(_FixedLogits(logits), data, accelerator, lambda c: c < 0.8)
+    # the rule as a function: pixels 1 and 3 pass, 3 is ignored -> 1 passed, wrong
+    assert out["pseudo_acc"] == 0.0 and out["pseudo_share"] == pytest.approx(33.333, abs=1e-3)
+    assert common.pseudo_label_probe(_FixedLogits(logits), SimpleNamespace(probe_set=[]), accelerator, 0.8) == {}

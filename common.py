@@ -472,7 +472,8 @@ DATASET_DEFAULTS = {
                        head_lr_mult=1.0, weight_decay=1e-4, epochs=240, eval_mode="sliding"),
     "camvid": dict(backbone="efficientnet_lite0", pretrained="imagenet", output_stride=16, decoder_channels=64,
                    crop_size=[96, 128], image_scale=0.5, global_batch=8, global_unlabeled_batch=8, lr=0.01,
-                   head_lr_mult=1.0, weight_decay=1e-4, iters=1600, eval_every=400, eval_mode="whole"),
+                   head_lr_mult=1.0, weight_decay=1e-4, iters=1600, eval_every=400, eval_mode="whole",
+                   cache_images=True),
     "toy": dict(backbone="resnet18", pretrained="none", output_stride=16, decoder_channels=32, crop_size=[48, 64],
                 image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.01, head_lr_mult=1.0,
                 weight_decay=1e-4, iters=300, eval_every=100, eval_mode="whole"),
@@ -517,6 +518,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                                                 "the schedule still runs to --iters, continue with --resume auto")
     p.add_argument("--resume", default="auto", help="auto (continue OUT's last checkpoint if any), PATH or none")
     p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction,
+                   help="keep decoded (rescaled) images in each loader worker's memory (default: on for camvid, "
+                        "~0.2 MB per image at scale 0.5; off for the large datasets)")
     p.add_argument("--log-every", type=int, default=20, help="iterations between progress/loss updates")
     p.add_argument("--num-overlays", type=int, default=4, help="val images drawn as PNG overlays per eval")
     p.add_argument("--log-with", choices=["tensorboard"], help="also log to an Accelerate tracker")

@@ -411,9 +411,14 @@ class SegmentationSet(torch.utils.data.Dataset):
     and never reads a mask; 'val' -> the whole (rescaled) image and its mask. Training items are fetched as
     (index, seed) pairs from StepBatchSampler."""
 
-    def __init__(self, entries, kind, dataset, num_classes, crop, mean, std, image_scale=1.0, strong=True):
+    def __init__(self, entries, kind, dataset, num_classes, crop, mean, std, image_scale=1.0, strong=True,
+                 cache=False):
         self.entries, self.kind, self.dataset, self.num_classes = entries, kind, dataset, num_classes
         self.strong = strong  # build the photometric strong view (methods that never use it skip the cost)
+        # Decoded (and rescaled) images kept in this process's memory: PNG decoding is over half of a CamVid
+        # sample's CPU cost, and on a 2-core machine the loader workers take it from the network's threads.
+        # Each worker process fills its own copy; the augmentation draws are unchanged.
+        self.cache = {} if cache else None
         self.crop, self.image_scale = tuple(crop), image_scale
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
@@ -425,8 +430,13 @@ class SegmentationSet(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        entry = self.entries[index]
-        image, mask = load_pair(entry, self.dataset, self.num_classes, self.image_scale, self.kind != "unlabeled")
+        if self.cache is not None and index in self.cache:
+            image, mask = self.cache[index]
+        else:
+            image, mask = load_pair(self.entries[index], self.dataset, self.num_classes, self.image_scale,
+                                    self.kind != "unlabeled")
+            if self.cache is not None:
+                self.cache[index] = (image, mask)
         if self.kind == "val":
             image = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
             return {"image": self.normalize(image), "mask": torch.from_numpy(np.array(mask)).long()}
@@ -496,7 +506,7 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
     if need_unlabeled and not unlabeled:
         sys.exit(f"--split {args.split}: no unlabeled images left for a semi-supervised method")
     common = dict(dataset=args.dataset, num_classes=num_classes, crop=args.crop_size, mean=mean, std=std,
-                  image_scale=args.image_scale)
+                  image_scale=args.image_scale, cache=bool(getattr(args, "cache_images", False)))
     labeled_set = SegmentationSet(labeled, "labeled", **common)
     unlabeled_set = SegmentationSet(unlabeled, "unlabeled", strong=strong, **common)
     val_set = SegmentationSet(val, "val", **common)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common as common_module
 import datasets
 from conftest import ROOT
 
@@ -435,6 +436,35 @@ def test_camvid_tree_void_becomes_ignore(tmp_path):
     half = val_item(pool[0], "camvid", 11, scale=0.5)  # --image-scale resizes image and mask together
     assert half["image"].shape == (3, 3, 4) and half["mask"].shape == (3, 4)
     assert set(half["mask"].unique().tolist()) <= set(range(11)) | {255}
+
+
+
+def test_image_cache_gives_identical_samples_and_reads_each_file_once(tmp_path, monkeypatch):
+    root = tmp_path / "camvid"
+    for d in ("train", "trainannot", "val", "valannot"):
+        (root / d).mkdir(parents=True)
+    for i in range(3):
+        _rgb(12, 16, i).save(root / "train" / f"0001TP_00{i}.png")
+        Image.fromarray((np.arange(192) % 11).reshape(12, 16).astype(np.uint8)).save(
+            root / "trainannot" / f"0001TP_00{i}.png")
+    pool, _, _ = datasets.list_camvid(root)
+    reads = []
+    real_load_pair = datasets.load_pair
+    monkeypatch.setattr(datasets, "load_pair", lambda entry, *a: reads.append(entry[2]) or real_load_pair(entry, *a))
+    common = dict(dataset="camvid", num_classes=11, crop=(8, 8), mean=MEAN, std=STD, image_scale=0.5)
+    plain = datasets.SegmentationSet(pool, "labeled", **common)
+    cached = datasets.SegmentationSet(pool, "labeled", cache=True, **common)
+    for index, seed in [(0, [1]), (1, [2]), (0, [3]), (0, [1]), (2, [4]), (1, [5])]:
+        a, b = plain[(index, seed)], cached[(index, seed)]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert len(reads) == 6 + 3  # the plain set reads at every fetch, the cached one once per image
+    strong = datasets.SegmentationSet(pool, "unlabeled", cache=True, **common)
+    first, again = strong[(0, [9])], strong[(0, [9])]  # the cached image is not altered by augmentation
+    assert torch.equal(first["image_strong"], again["image_strong"])
+    parse = lambda *flags: common_module.resolve_args(common_module.base_parser(""), {}, "t", list(flags))  # noqa
+    assert parse("--dataset", "camvid").cache_images is True
+    assert parse("--dataset", "camvid", "--no-cache-images").cache_images is False
+    assert not parse("--dataset", "toy").cache_images
 
 
 # ----------------------------------------------------------------------------------------------------------

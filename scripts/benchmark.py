@@ -2,12 +2,14 @@
 
 For each method and backbone, on one fixed small CPU configuration (crop 128x128, 4 labeled + 4 unlabeled
 images per iteration, decoder 64 channels, CamVid if present else the toy dataset):
-  - iteration: the method script itself, run through its command line; seconds per training iteration after
-    a warm-up, evaluation excluded (OUT/train.jsonl);
+  - iteration: the method script itself, run through its command line; the median of the per-iteration
+    seconds after a warm-up, evaluation excluded (OUT/train.jsonl, logged every iteration);
   - required passes: the network passes the method needs (PASSES below, read off each method file), each
-    timed in isolation on the same batch sizes: a forward without gradient, or a forward + backward +
-    SGD step;
-  - overhead ratio = iteration time / sum of the required passes (goal: <= 1.15);
+    timed in isolation on the same batch sizes (median of repeats): a forward without gradient, or a
+    forward + backward + SGD step; timed right before AND right after the iteration run, because the speed
+    of a shared 2-core machine drifts by 10-30% over minutes: `drift` = their relative difference, a
+    measure of how far the row can be trusted;
+  - overhead ratio = iteration time / mean of the two sums of required passes (goal: <= 1.15);
   - loader: batches per second the data streams deliver (same workers) against what training consumes, at
     steady state (CamVid's decoded images are cached in the workers after their first epochs; the first
     epoch runs at about a third of this rate);
@@ -78,7 +80,7 @@ def time_iteration(method, backbone, dataset_flags, warmup, iters, workers):
         cmd = [sys.executable, str(ROOT / "methods" / f"{method}.py"), *dataset_flags, *method_flags(method, backbone),
                "--pretrained", "none", "--decoder-channels", "64", "--crop-size", "128", "128", "--batch-size", str(L),
                "--unlabeled-batch-size", str(U), "--iters", str(total), "--eval-every", str(total), "--log-every",
-               str(warmup), "--num-overlays", "0", "--num-workers", str(workers), "--out", out, "--resume", "none"]
+               "1", "--num-overlays", "0", "--num-workers", str(workers), "--out", out, "--resume", "none"]
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         peak = 0.0
         while process.poll() is None:
@@ -87,11 +89,11 @@ def time_iteration(method, backbone, dataset_flags, warmup, iters, workers):
         if process.returncode != 0:
             raise RuntimeError(f"{method} failed: {process.stderr.read()[-2000:]}")
         records = [json.loads(x) for x in (Path(out) / "train.jsonl").read_text().splitlines()]
-        timed = [r["sec_per_iter"] for r in records if r["iteration"] > warmup]
-        return sum(timed) / len(timed), peak
+        timed = sorted(r["sec_per_iter"] for r in records if r["iteration"] > warmup)
+        return timed[len(timed) // 2], peak
 
 
-def time_passes(passes, backbone, num_classes, repeats=5):
+def time_passes(passes, backbone, num_classes, repeats=7):
     """Seconds of each kind of pass, in isolation, on random inputs of the benchmark's size."""
     nets = {"net": common.build_model(backbone, num_classes, "none", 16, 64),
             "senior": common.build_model(SENIOR[backbone], num_classes, "none", 16, 64)}
@@ -160,18 +162,21 @@ def main():
             continue
         rate = loader_rate(dataset_flags, method, cli.num_workers)
         for backbone in cli.backbones:
+            before = time_passes(PASSES[method], backbone, num_classes)
             iteration, peak = time_iteration(method, backbone, dataset_flags, cli.warmup, cli.iters, cli.num_workers)
-            required = time_passes(PASSES[method], backbone, num_classes)
+            after = time_passes(PASSES[method], backbone, num_classes)
+            required, drift = (before + after) / 2, abs(after - before) / ((before + after) / 2)
             rows.append(dict(method=method, backbone=backbone, passes=len(PASSES[method]), sec_per_iter=iteration,
-                             sec_required=required, overhead=iteration / required, loader_it_per_s=rate,
-                             train_it_per_s=1 / iteration, peak_rss_mb=peak))
-            print(f"{method:13s} {backbone:18s} iteration {iteration:.3f}s required {required:.3f}s "
+                             sec_required=required, required_before=before, required_after=after, drift=drift,
+                             overhead=iteration / required, loader_it_per_s=rate, train_it_per_s=1 / iteration,
+                             peak_rss_mb=peak))
+            print(f"{method:13s} {backbone:18s} iteration {iteration:.3f}s required {before:.3f}/{after:.3f}s "
                   f"overhead {iteration / required:.2f} loader {rate:.1f} it/s peak {peak:.0f} MB", flush=True)
-    lines = ["| method | backbone | passes | s/iter | required s | overhead | loader it/s | train it/s | peak MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | backbone | passes | s/iter | required s | drift | overhead | loader it/s | train it/s | "
+             "peak MB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['method']} | {r['backbone']} | {r['passes']} | {r['sec_per_iter']:.3f} | {r['sec_required']:.3f} | "
-              f"{r['overhead']:.2f} | {r['loader_it_per_s']:.1f} | {r['train_it_per_s']:.2f} | {r['peak_rss_mb']:.0f} |"
-              for r in rows]
+              f"{100 * r['drift']:.0f}% | {r['overhead']:.2f} | {r['loader_it_per_s']:.1f} | {r['train_it_per_s']:.2f} | "
+              f"{r['peak_rss_mb']:.0f} |" for r in rows]
     print("\n".join(lines))
     Path(cli.json).parent.mkdir(parents=True, exist_ok=True)
     Path(cli.json).write_text(json.dumps({"config": {"labeled": L, "unlabeled": U, "crop": 128, "dataset":

@@ -13,7 +13,6 @@ import torch.nn as nn
 import common
 from conftest import TINY, load_checkpoint, read_metrics, run_method
 
-torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ ctt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ctt)
 import common  # noqa: E402  (conftest put the repo root on sys.path)
 
-torch.set_num_threads(1)  # tiny tensors: threads only contend on the shared cores
 ACC = types.SimpleNamespace(num_processes=1, autocast=contextlib.nullcontext, unwrap_model=lambda m: m)
 C = 5  # toy classes
 

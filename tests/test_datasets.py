@@ -17,7 +17,6 @@ import common as common_module
 import datasets
 from conftest import ROOT
 
-torch.set_num_threads(1)
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # identity normalisation: items hold the [0,1] image
 
 

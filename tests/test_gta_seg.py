@@ -17,7 +17,6 @@ sys.path.insert(0, str(ROOT / "methods"))
 import common  # noqa: E402
 import gta_seg  # noqa: E402
 
-torch.set_num_threads(1)
 WARMUP = 2  # iterations per epoch in the in-process tests: steps 0-1 warm-up, 2-3 first semi epoch, 4+ after
 
 

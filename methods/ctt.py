@@ -140,12 +140,18 @@ def class_mean(values, labels, num_classes):
     return (sums[present] / counts[present]).mean()
 
 
-def log_sum_exp_others(sim, own, filled):
-    """log sum_{c' != own class} sum_q exp(sim[:, c', q]) over the filled entries: per-class log-sum-exp first,
-    so no [A, C, Q] mask or masked copy is built (the largest tensors of the step at VOC scale)."""
-    if not bool(filled.all()):  # only with --contrast-after before the banks are full
-        sim = sim.masked_fill(~filled, float("-inf"))
-    return sim.logsumexp(2).masked_fill(own, float("-inf")).logsumexp(1)
+def shifted_similarities(unit_anchors, bank, own, tau, filled):
+    """HC/LC core. unit_anchors [A, D], bank [C, K, D] (unit rows), own [A, C], filled [C, K]. Returns
+    sim = cos/tau - 1/tau [A, C, K] and neg [A] = log sum_{filled entries of other classes} e^{cos/tau} - 1/tau.
+    cos <= 1 bounds e^sim by 1, so the [A, C, K] tensor (the step's largest at VOC scale) needs no max pass:
+    one matmul with the shift folded in, one exp, one sum; tau >= 0.025 keeps e^sim >= e^-80 in float32."""
+    num_classes, k, d = bank.shape
+    sim = torch.addmm(unit_anchors.new_full((1,), -1 / tau), unit_anchors / tau, bank.reshape(-1, d).t())
+    sim = sim.view(-1, num_classes, k)
+    terms = sim.exp() if bool(filled.all()) else sim.exp() * filled  # partly filled only with --contrast-after
+    total = terms.sum(2).masked_fill(own, 0.0).sum(1)
+    # no negatives at all (only with --contrast-after): -inf, so the term is exactly 0 with a zero gradient
+    return sim, total.clamp(min=torch.finfo(total.dtype).tiny).log().masked_fill(total == 0, float("-inf"))
 
 
 def hc_loss(anchors, labels, bank, tau, filled=None):
@@ -155,11 +161,10 @@ def hc_loss(anchors, labels, bank, tau, filled=None):
     switches the losses on earlier; anchors of a class with an empty queue then drop out)."""
     num_classes, q, d = bank.shape
     filled = torch.ones(num_classes, q, dtype=torch.bool, device=bank.device) if filled is None else filled
-    a = F.normalize(anchors.float(), dim=1)
-    sim = (a @ F.normalize(bank, dim=-1).reshape(-1, d).t() / tau).view(-1, num_classes, q)  # [A, C, Q]
     own = F.one_hot(labels, num_classes).bool()
-    negatives = log_sum_exp_others(sim, own, filled)  # [A]
-    positives, used = sim[own], filled[labels]  # [A, Q]
+    sim, negatives = shifted_similarities(F.normalize(anchors.float(), dim=1), F.normalize(bank, dim=-1), own,
+                                          tau, filled)
+    positives, used = sim[torch.arange(len(labels), device=labels.device), labels], filled[labels]  # [A, Q]
     # -log(e^p / (e^p + e^n)) = softplus(n - p), n = log-sum-exp of the negatives (stable, exact in float)
     per_anchor = (F.softplus(negatives[:, None] - positives) * used).sum(1) / used.sum(1).clamp(min=1)
     keep = used.any(1)
@@ -175,10 +180,9 @@ def lc_loss(anchors, positives, labels, banks, tau, filled=None):
     a = F.normalize(anchors.float(), dim=1)
     pos = (a * F.normalize(positives.float(), dim=1)).sum(1) / tau  # [S]
     bank = F.normalize(banks, dim=-1).transpose(0, 1).reshape(num_classes, -1, d)  # [C, N*Q, D]
-    sim = (a @ bank.reshape(-1, d).t() / tau).view(len(a), num_classes, bank.shape[1])
-    own = F.one_hot(labels, num_classes).bool()
-    negatives = log_sum_exp_others(sim, own, filled.transpose(0, 1).reshape(num_classes, -1))
-    return class_mean(F.softplus(negatives - pos), labels, num_classes)
+    _, negatives = shifted_similarities(a, bank, F.one_hot(labels, num_classes).bool(), tau,
+                                        filled.transpose(0, 1).reshape(num_classes, -1))
+    return class_mean(F.softplus(negatives + 1 / tau - pos), labels, num_classes)
 
 
 def strong_mix_mask(kind, label, valid):
@@ -308,6 +312,8 @@ def main(argv=None):
     args = common.resolve_args(parser, PAPER_DEFAULTS, "ctt", argv)
     if not 1 <= args.pairs <= 8:
         parser.error("--pairs must be between 1 and 8")
+    if min(args.tau_hc, args.tau_lc) < 0.025:  # below it exp(-2/tau) underflows float32 (shifted_similarities)
+        parser.error(f"--tau-hc and --tau-lc must be at least 0.025, got {args.tau_hc} and {args.tau_lc}")
     accelerator, log = common.setup(args)
     mean, std = common.normalization(args.backbone)
     data = build_data(args, accelerator, mean, std)

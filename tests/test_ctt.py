@@ -196,6 +196,17 @@ def test_hc_matches_reference_and_is_cosine_and_per_class_normalised():
     assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
     twice = ctt.hc_loss(torch.cat([anchors, anchors]), torch.cat([labels, labels]), bank, 0.1)
     assert twice.item() == pytest.approx(loss.item(), rel=1e-6)
+    # the smallest tau the flags accept: exp(cos/tau - 1/tau) >= e^-80 still holds every negative term
+    sharp = ctt.hc_loss(anchors, labels, bank, 0.025)
+    assert sharp.item() == pytest.approx(naive_hc(anchors.double(), labels, list(bank.double()), 0.025).item(),
+                                         rel=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["--tau-hc", "--tau-lc"])
+def test_temperature_below_the_float_range_is_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        ctt.main(["--dataset", "toy", flag, "0.01", "--iters", "1"])
+    assert "--tau-hc and --tau-lc must be at least 0.025" in capsys.readouterr().err
 
 
 def test_lc_matches_reference_and_is_zero_without_nan_when_nothing_is_selected():

@@ -765,7 +765,8 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule) -> dict:
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     valid, passed, correct, all_correct = counts.tolist()
-    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3), "pseudo_share": round(100 * passed / max(valid, 1), 3),
+    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3),
+            "pseudo_share": round(100 * passed / max(valid, 1), 3),
             "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3)}
 
 

@@ -205,7 +205,8 @@ def resolve_split(args):
             keys = [_key(args.dataset, line.split()[0]) for line in _read_list(path)]
             unknown = [k for k in keys if k not in by_key]
             if unknown:
-                sys.exit(f"--split-dir: {path} names {len(unknown)} images not in the training pool, e.g. {unknown[:3]}")
+                sys.exit(f"--split-dir: {path} names {len(unknown)} images not in the training pool, "
+                         f"e.g. {unknown[:3]}")
             lists.append([by_key[k] for k in keys])
         labeled, unlabeled = lists
         if set(e[2] for e in labeled) & set(e[2] for e in unlabeled):

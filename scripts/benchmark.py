@@ -2,29 +2,33 @@
 
 For each method and backbone, on one fixed small CPU configuration (crop 128x128, 4 labeled + 4 unlabeled
 images per iteration, decoder 64 channels, CamVid if present else the toy dataset):
-  - iteration: the method script itself, run through its command line; the median of the per-iteration
-    seconds after a warm-up, evaluation excluded (OUT/train.jsonl, logged every iteration);
-  - required passes: the network passes the method needs (PASSES below, read off each method file), each
-    timed in isolation on the same batch sizes (median of repeats): a forward without gradient, or a
-    forward + backward + SGD step; timed right before AND right after the iteration run, because the speed
-    of a shared 2-core machine drifts by 10-30% over minutes: `drift` = their relative difference, a
-    measure of how far the row can be trusted;
-  - overhead ratio = iteration time / mean of the two sums of required passes (goal: <= 1.15);
+  - iteration: the method script itself, run through its command line (its `main`, in a subprocess); the time
+    from the end of one iteration to the end of the next (LossMeter.update), after a warm-up, evaluation
+    excluded;
+  - required passes: the network passes the method needs (PASSES below, read off each method file), timed in
+    isolation on the same batch sizes (random inputs; a forward without gradient, or a forward + backward + SGD
+    step) in the same process right after every iteration, on networks of their own: the speed of a shared
+    2-core machine drifts by 10-30% within minutes, so a ratio is only trustworthy between timings taken
+    side by side;
+  - overhead = median over iterations of (iteration / the required passes timed right after it) (goal: <= 1.15);
+    `spread` = the interquartile range of those per-iteration ratios;
   - in-run passes: the same iterations, with every network forward, backward and SGD step timed as it runs
     inside the script (timers wrapped around DeepLabV3Plus.forward, Tensor.backward and SGD.step);
-    `outside` = the share of the iteration spent elsewhere (losses, EMA, banks, mixing, data, logging). It
-    is immune to the machine's drift, which hits passes and iteration alike, so it is the figure that
-    finds waste; the backward of the loss terms counts as a pass here;
+    `outside` = the share of the iteration spent elsewhere (losses, EMA, banks, mixing, data, logging): the
+    figure that finds waste. The backward of the loss terms counts as a pass here, so in-run passes exceed
+    the required passes by that backward (CTT's contrastive losses);
   - loader: batches per second the data streams deliver (same workers) against what training consumes, at
     steady state (CamVid's decoded images are cached in the workers after their first epochs; the first
     epoch runs at about a third of this rate);
-  - peak memory: the highest resident set size (VmHWM) of the training process.
+  - peak memory: the highest resident set size (VmHWM) of the training process at the end of the warm-up
+    (before the isolated networks exist).
 Prints a markdown table and writes JSON.
 
   python scripts/benchmark.py [--methods supervised gta_seg ...] [--backbones efficientnet_lite0 resnet18]
-  python scripts/benchmark.py --inside METHOD -- <method flags>   (one timed run; used by the above)
+  python scripts/benchmark.py --inside METHOD BACKBONE NUM_CLASSES -- <method flags>   (one timed run)
 """
 import argparse
+import collections
 import json
 import subprocess
 import sys
@@ -70,23 +74,54 @@ def method_flags(method: str, backbone: str) -> list:
     return ["--backbone", backbone, *extra]
 
 
-def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+def peak_rss_mb() -> float:
+    """Highest resident set size of this process so far (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
     return 0.0
 
 
-def run_inside(method: str, argv: list) -> None:
+class IsolatedPasses:
+    """The required passes of one method on networks of their own and fixed random inputs (own generator:
+    the method's RNG streams are untouched). `__call__` runs each distinct pass once and returns the seconds
+    of the whole list (a pass listed twice counts twice)."""
+
+    def __init__(self, passes, backbone, num_classes):
+        with torch.random.fork_rng(devices=[]):
+            self.nets = {which: common.build_model(backbone if which == "net" else SENIOR[backbone], num_classes,
+                                                   "none", 16, 64).train() for which in {w for _, _, w in passes}}
+        self.optimizers = {w: torch.optim.SGD(n.parameters(), lr=1e-9, momentum=0.9) for w, n in self.nets.items()}
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = {n: (torch.randn(n, 3, 128, 128, generator=generator),
+                           torch.randint(0, num_classes, (n, 128, 128), generator=generator)) for _, n, _ in passes}
+        self.counts = collections.Counter(passes)
+
+    def __call__(self) -> float:
+        total = 0.0
+        for (kind, n, which), count in self.counts.items():
+            net, (x, y) = self.nets[which], self.inputs[n]
+            start = time.perf_counter()
+            if kind == "fwd":
+                with torch.no_grad():
+                    net(x)
+            else:
+                torch.nn.functional.cross_entropy(net(x), y).backward()
+                self.optimizers[which].step()
+                self.optimizers[which].zero_grad(set_to_none=True)
+            total += count * (time.perf_counter() - start)
+        return total
+
+
+def run_inside(method: str, backbone: str, num_classes: int, argv: list, warmup: int) -> None:
     """Run METHOD's main(argv) in this process with a timer around every network pass (forward of a
-    DeepLabV3Plus, Tensor.backward, SGD.step; a pass inside a pass counts once) and a mark at the end of each
-    iteration (LossMeter.update). Writes OUT/passes.json: per iteration, the seconds spent in passes."""
+    DeepLabV3Plus, Tensor.backward, SGD.step; a pass inside a pass counts once) and, from the end of the
+    warm-up on, the method's required passes in isolation right after every iteration (at LossMeter.update,
+    outside the iteration's own time). Writes OUT/passes.json: per timed iteration its seconds, the seconds
+    of its own passes, of the isolated required passes, and the peak memory at the end of the warm-up."""
     import functools
     import importlib.util
-    marks, spans, depth = [], [], [0]
+    rows, spans, depth, state = [], [], [0], {"done": 0, "start": 0.0, "isolated": None, "peak": 0.0}
 
     def timed(fn):
         @functools.wraps(fn)
@@ -101,76 +136,62 @@ def run_inside(method: str, argv: list) -> None:
                 depth[0] = 0
         return wrapper
 
+    def isolated_passes():
+        depth[0] = 1  # not the method's own passes
+        seconds = state["isolated"]()
+        depth[0] = 0
+        return seconds
+
     common.DeepLabV3Plus.forward = timed(common.DeepLabV3Plus.forward)
     torch.Tensor.backward = timed(torch.Tensor.backward)
     torch.optim.SGD.step = timed(torch.optim.SGD.step)
     update = common.LossMeter.update
 
-    def update_and_mark(self, **terms):
+    def update_and_time_passes(self, **terms):  # the end of one iteration of the method
         update(self, **terms)
-        marks.append(time.perf_counter())
-    common.LossMeter.update = update_and_mark
+        end, start = time.perf_counter(), state["start"]
+        state["done"] += 1
+        if state["isolated"] is not None:
+            rows.append(dict(iteration=end - start, in_run=sum(min(e, end) - s for s, e in spans if s >= start),
+                             isolated=isolated_passes()))
+        elif state["done"] == warmup:
+            state["peak"], state["isolated"] = peak_rss_mb(), IsolatedPasses(PASSES[method], backbone, num_classes)
+            isolated_passes()  # their own warm-up
+        spans.clear()
+        state["start"] = time.perf_counter()
+    common.LossMeter.update = update_and_time_passes
     spec = importlib.util.spec_from_file_location(method, ROOT / "methods" / f"{method}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(argv)
     out = Path(argv[argv.index("--out") + 1])
-    per_iteration = [sum(min(e, b) - s for s, e in spans if a <= s < b) for a, b in zip(marks, marks[1:])]
-    (out / "passes.json").write_text(json.dumps({"iteration_seconds": [b - a for a, b in zip(marks, marks[1:])],
-                                                 "pass_seconds": per_iteration}))
+    (out / "passes.json").write_text(json.dumps({"iterations": rows, "peak_rss_mb": state["peak"]}))
 
 
-def time_iteration(method, backbone, dataset_flags, warmup, iters, workers):
-    """Median seconds per iteration (train.jsonl), median in-run pass seconds, peak memory."""
+def time_iteration(method, backbone, num_classes, dataset_flags, warmup, iters, workers):
+    """Per-iteration medians: seconds, overhead (iteration / isolated required passes right after it) with its
+    interquartile range, the share of the iteration inside its own passes; the required seconds; peak memory."""
     with tempfile.TemporaryDirectory() as out:
-        total = warmup + iters
-        cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--inside", method, "--",
-               *dataset_flags, *method_flags(method, backbone),
+        cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--inside", method, backbone,
+               str(num_classes), str(warmup), "--", *dataset_flags, *method_flags(method, backbone),
                "--pretrained", "none", "--decoder-channels", "64", "--crop-size", "128", "128", "--batch-size", str(L),
-               "--unlabeled-batch-size", str(U), "--iters", str(total), "--eval-every", str(total), "--log-every",
-               "1", "--num-overlays", "0", "--num-workers", str(workers), "--out", out, "--resume", "none"]
-        process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        peak = 0.0
-        while process.poll() is None:
-            peak = max(peak, peak_rss_mb(process.pid))
-            time.sleep(0.2)
-        if process.returncode != 0:
-            raise RuntimeError(f"{method} failed: {process.stderr.read()[-2000:]}")
-        records = [json.loads(x) for x in (Path(out) / "train.jsonl").read_text().splitlines()]
-        timed = sorted(r["sec_per_iter"] for r in records if r["iteration"] > warmup)
-        inside = json.loads((Path(out) / "passes.json").read_text())  # entry j = iteration j + 2
-        shares = sorted(p / t for p, t in zip(inside["pass_seconds"][warmup - 1:],
-                                              inside["iteration_seconds"][warmup - 1:]))
-        return timed[len(timed) // 2], shares[len(shares) // 2], peak
+               "--unlabeled-batch-size", str(U), "--iters", str(warmup + iters), "--eval-every",
+               str(warmup + iters), "--log-every", "1", "--num-overlays", "0", "--num-workers", str(workers),
+               "--out", out, "--resume", "none"]
+        result = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{method} failed: {result.stderr[-2000:]}")
+        inside = json.loads((Path(out) / "passes.json").read_text())
+    rows = inside["iterations"]
 
-
-def time_passes(passes, backbone, num_classes, repeats=7):
-    """Seconds of each kind of pass, in isolation, on random inputs of the benchmark's size."""
-    nets = {"net": common.build_model(backbone, num_classes, "none", 16, 64),
-            "senior": common.build_model(SENIOR[backbone], num_classes, "none", 16, 64)}
-    cache, total = {}, 0.0
-    for kind, n, which in passes:
-        key = (kind, n, which)
-        if key not in cache:
-            net = nets[which].train()
-            opt = torch.optim.SGD(net.parameters(), lr=1e-9, momentum=0.9)
-            x = torch.randn(n, 3, 128, 128)
-            y = torch.randint(0, num_classes, (n, 128, 128))
-            times = []
-            for r in range(repeats + 1):
-                t = time.perf_counter()
-                if kind == "fwd":
-                    with torch.no_grad():
-                        net(x)
-                else:
-                    torch.nn.functional.cross_entropy(net(x), y).backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                if r:
-                    times.append(time.perf_counter() - t)
-            cache[key] = sorted(times)[len(times) // 2]
-        total += cache[key]
-    return total
+    def median(values, q=0.5):
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))]
+    ratios = [r["iteration"] / r["isolated"] for r in rows]
+    return dict(sec_per_iter=median(r["iteration"] for r in rows), sec_required=median(r["isolated"] for r in rows),
+                overhead=median(ratios), spread=median(ratios, 0.75) - median(ratios, 0.25),
+                share=median(r["in_run"] / r["iteration"] for r in rows), peak_rss_mb=inside["peak_rss_mb"],
+                timed=len(rows))
 
 
 def loader_rate(dataset_flags, method, workers, batches=40):
@@ -196,7 +217,8 @@ def loader_rate(dataset_flags, method, workers, batches=40):
 
 def main():
     if sys.argv[1:2] == ["--inside"]:  # the timed run of one method (a subprocess of the benchmark)
-        return run_inside(sys.argv[2], sys.argv[4:])
+        method, backbone, num_classes, warmup = sys.argv[2:6]
+        return run_inside(method, backbone, int(num_classes), sys.argv[7:], int(warmup))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(PASSES))
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet18"])
@@ -217,21 +239,19 @@ def main():
             continue
         rate = loader_rate(dataset_flags, method, cli.num_workers)
         for backbone in cli.backbones:
-            before = time_passes(PASSES[method], backbone, num_classes)
-            iteration, share, peak = time_iteration(method, backbone, dataset_flags, cli.warmup, cli.iters, cli.num_workers)
-            after = time_passes(PASSES[method], backbone, num_classes)
-            required, drift = (before + after) / 2, abs(after - before) / ((before + after) / 2)
-            rows.append(dict(method=method, backbone=backbone, passes=len(PASSES[method]), sec_per_iter=iteration,
-                             sec_required=required, required_before=before, required_after=after, drift=drift,
-                             overhead=iteration / required, in_run_overhead=1 / share, outside=1 - share,
-                             loader_it_per_s=rate, train_it_per_s=1 / iteration,
-                             peak_rss_mb=peak))
-            print(f"{method:13s} {backbone:18s} iteration {iteration:.3f}s required {before:.3f}/{after:.3f}s "
-                  f"overhead {iteration / required:.2f} in-run {1 / share:.2f} loader {rate:.1f} it/s peak {peak:.0f} MB", flush=True)
-    lines = ["| method | backbone | passes | s/iter | required s | drift | overhead | in-run overhead | outside | "
+            row = time_iteration(method, backbone, num_classes, dataset_flags, cli.warmup, cli.iters, cli.num_workers)
+            share = row.pop("share")
+            rows.append(dict(method=method, backbone=backbone, passes=len(PASSES[method]), **row,
+                             in_run_overhead=1 / share, outside=1 - share, loader_it_per_s=rate,
+                             train_it_per_s=1 / row["sec_per_iter"]))
+            print(f"{method:13s} {backbone:18s} iteration {row['sec_per_iter']:.3f}s required "
+                  f"{row['sec_required']:.3f}s overhead {row['overhead']:.2f} in-run {1 / share:.2f} loader "
+                  f"{rate:.1f} it/s", flush=True)
+    lines = ["| method | backbone | passes | s/iter | required s | overhead | spread | in-run overhead | outside | "
              "loader it/s | train it/s | peak MB |", "| --- " * 12 + "|"]
-    lines += [f"| {r['method']} | {r['backbone']} | {r['passes']} | {r['sec_per_iter']:.3f} | {r['sec_required']:.3f} | "
-              f"{100 * r['drift']:.0f}% | {r['overhead']:.2f} | {r['in_run_overhead']:.2f} | {100 * r['outside']:.0f}% | "
+    lines += [f"| {r['method']} | {r['backbone']} | {r['passes']} | {r['sec_per_iter']:.3f} | "
+              f"{r['sec_required']:.3f} | {r['overhead']:.2f} | {r['spread']:.2f} | {r['in_run_overhead']:.2f} | "
+              f"{100 * r['outside']:.0f}% | "
               f"{r['loader_it_per_s']:.1f} | {r['train_it_per_s']:.2f} | {r['peak_rss_mb']:.0f} |" for r in rows]
     print("\n".join(lines))
     Path(cli.json).parent.mkdir(parents=True, exist_ok=True)

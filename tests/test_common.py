@@ -14,7 +14,6 @@ import common
 from conftest import TINY, load_checkpoint, read_metrics, run_method
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # confusion_matrix / iou_from_confusion: closed-form values
 # ----------------------------------------------------------------------------------------------------------

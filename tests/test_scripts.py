@@ -1,7 +1,10 @@
 """The result-table script (scripts/camvid_table.py) on fabricated run folders: mean ± std over seeds, the
-all-pixel probe column, per-budget folders and reports, PNGs written. No training."""
+all-pixel probe column, per-budget folders and reports, PNGs written. No training, except the
+benchmark run end to end on the toy data."""
 import importlib.util
 import json
+import subprocess
+import sys
 
 from PIL import Image
 
@@ -49,9 +52,8 @@ def test_report_mean_std_columns_and_files(tmp_path, monkeypatch):
 
 def test_benchmark_times_the_passes_inside_the_run(tmp_path):
     """scripts/benchmark.py end to end on the toy data (tiny sizes): the in-run timers see the network passes
-    (a share of the iteration strictly between 0 and 1), the isolated passes are timed, the JSON is written."""
-    import subprocess
-    import sys
+    (a share of the iteration strictly between 0 and 1), the isolated passes are timed after every timed
+    iteration, the JSON is written."""
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--dataset", "toy",
                              "--methods", "supervised", "--backbones", "resnet18", "--warmup", "2", "--iters", "2",
@@ -60,5 +62,6 @@ def test_benchmark_times_the_passes_inside_the_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert 0.0 < row["outside"] < 1.0 and row["in_run_overhead"] > 1.0
-    assert row["sec_required"] > 0 and row["overhead"] > 0 and row["peak_rss_mb"] > 0
+    assert row["sec_required"] > 0 and row["overhead"] > 0 and row["spread"] >= 0 and row["peak_rss_mb"] > 0
+    assert row["timed"] == 2
     assert "| supervised | resnet18 | 1 |" in result.stdout

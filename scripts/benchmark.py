@@ -25,7 +25,7 @@ images per iteration, decoder 64 channels, CamVid if present else the toy datase
 Prints a markdown table and writes JSON.
 
   python scripts/benchmark.py [--methods supervised gta_seg ...] [--backbones efficientnet_lite0 resnet18]
-  python scripts/benchmark.py --inside METHOD BACKBONE NUM_CLASSES -- <method flags>   (one timed run)
+  python scripts/benchmark.py --inside METHOD BACKBONE NUM_CLASSES WARMUP -- <method flags>   (one timed run)
 """
 import argparse
 import collections
@@ -228,6 +228,8 @@ def main():
     parser.add_argument("--dataset", choices=["camvid", "toy"], help="default: camvid if ../shared has it")
     parser.add_argument("--json", default="results/benchmark.json")
     cli = parser.parse_args()
+    if cli.warmup < 1 or cli.iters < 1:  # the isolated passes start at the end of the warm-up
+        parser.error(f"--warmup and --iters must be at least 1, got {cli.warmup} and {cli.iters}")
     camvid = ROOT.parent / "shared" / "data" / "camvid"
     dataset = cli.dataset or ("camvid" if camvid.is_dir() else "toy")
     dataset_flags = ["--dataset", "camvid", "--data-root", str(camvid)] if dataset == "camvid" else ["--dataset", "toy"]

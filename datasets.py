@@ -319,11 +319,17 @@ def load_pair(entry, dataset: str, num_classes: int, scale: float, with_mask: bo
 # Augmentations
 # ----------------------------------------------------------------------------------------------------------
 def weak_augment(image: Image.Image, mask: Image.Image | None, crop: tuple[int, int], rng: np.random.Generator,
-                 scale_range=(0.5, 2.0)):
+                 scale_range=(0.5, 2.0), scale_rule: str = "uniform"):
     """Random rescale (long side x U(0.5, 2.0), aspect kept), pad to the crop (image 0, mask 255, valid False),
-    random crop, horizontal flip p=0.5 (conventions.md §2). Returns uint8 image HxWx3, mask HxW, valid HxW."""
+    random crop, horizontal flip p=0.5 (`LiheYoung/UniMatch@0324f3d dataset/semi.py:41-44`,
+    dataset/transform.py:9-56). Returns uint8 image HxWx3, mask HxW, valid HxW.
+    scale_rule 'u2pl': the factor is U[0.5, 1) or U[1, 2) with probability 1/2 each (mean 1.125, not 1.25), as in
+    U2PL's and GTA-Seg's RandResize (Jin-Ying/GTA-Seg@534f10f gta/dataset/augmentation.py:190-194)."""
     w, h = image.size
-    long_side = int(max(h, w) * rng.uniform(*scale_range))
+    low, high = scale_range
+    if scale_rule == "u2pl":
+        low, high = (low, 1.0) if rng.uniform() < 0.5 else (1.0, high)
+    long_side = int(max(h, w) * rng.uniform(low, high))
     if h > w:
         nh, nw = long_side, int(w * long_side / h + 0.5)
     else:
@@ -413,8 +419,9 @@ class SegmentationSet(torch.utils.data.Dataset):
     (index, seed) pairs from StepBatchSampler."""
 
     def __init__(self, entries, kind, dataset, num_classes, crop, mean, std, image_scale=1.0, strong=True,
-                 cache=False):
+                 cache=False, scale_rule="uniform"):
         self.entries, self.kind, self.dataset, self.num_classes = entries, kind, dataset, num_classes
+        self.scale_rule = scale_rule  # weak_augment's rescale rule (training sets only)
         self.strong = strong  # build the photometric strong view (methods that never use it skip the cost)
         # Decoded (and rescaled) images kept in this process's memory: PNG decoding is over half of a CamVid
         # sample's CPU cost, and on a 2-core machine the loader workers take it from the network's threads.
@@ -442,7 +449,7 @@ class SegmentationSet(torch.utils.data.Dataset):
             image = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
             return {"image": self.normalize(image), "mask": torch.from_numpy(np.array(mask)).long()}
         rng = np.random.default_rng(seed)
-        image, mask, valid = weak_augment(image, mask, self.crop, rng)
+        image, mask, valid = weak_augment(image, mask, self.crop, rng, scale_rule=self.scale_rule)
         image = torch.from_numpy(image).permute(2, 0, 1).float() / 255
         if self.kind == "labeled":
             return {"image": self.normalize(image), "mask": torch.from_numpy(mask).long()}
@@ -507,7 +514,8 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
     if need_unlabeled and not unlabeled:
         sys.exit(f"--split {args.split}: no unlabeled images left for a semi-supervised method")
     common = dict(dataset=args.dataset, num_classes=num_classes, crop=args.crop_size, mean=mean, std=std,
-                  image_scale=args.image_scale, cache=bool(getattr(args, "cache_images", False)))
+                  image_scale=args.image_scale, cache=bool(getattr(args, "cache_images", False)),
+                  scale_rule=getattr(args, "scale_rule", "uniform"))
     labeled_set = SegmentationSet(labeled, "labeled", **common)
     unlabeled_set = SegmentationSet(unlabeled, "unlabeled", strong=strong, **common)
     val_set = SegmentationSet(val, "val", **common)

@@ -1,51 +1,70 @@
 """Dual Teacher: "Switching Temporary Teachers for Semi-Supervised Semantic Segmentation" (Na et al., NeurIPS 2023).
 
-One student S with stochastic depth and two temporary teachers T1, T2 that work in shifts (spec = the project's
-../shared/specs/dual_teacher.md; the official code covers ADE20K/SegFormer only, this is the DeepLabv3+ port the
-paper's VOC and Cityscapes tables use):
-  epoch e even: teacher T1, CutMix;   e odd: teacher T2, ClassMix                                   (spec §2)
-  an epoch = one pass over the unlabeled set at the global unlabeled batch (UniMatch's epoch; --iters-per-epoch)
+One student S with stochastic depth and two temporary teachers T1, T2 that work in shifts. The official code,
+naver-ai/dual-teacher@868e6e7 (every path:line below is in it unless another repository is named), covers ADE20K
+with SegFormer only; the paper's VOC and Cityscapes results use DeepLabv3+ (VOC: ResNet-50, its Table 1), which the
+first author says to port (github.com/naver-ai/dual-teacher/issues/3). This file is that port:
+  shift (= epoch) e even: teacher T1 + CutMix;  e odd: teacher T2 + ClassMix               tools/train.py:99-106
   per iteration, with x_w the weak unlabeled view and x_s its photometric strong view:
-    p = softmax(T(x_w)) (no grad);  c = max p, y^ = argmax p                                        (spec §3.3)
-    L_sup = CE(S(x_l), y_l), ignore 255 (OHEM CE on Cityscapes)                                      (spec §5)
-    L_mix = L_cutmix (even) = mean_{CE>0} w_i CE(S(x~), y~),  w_i = share of image i with c >= 0.95  (spec §3.4)
-          | L_classmix (odd) = mean_all w CE(S(x~), y~),     w = share of the batch with c~ >= 0.95 (spec §3.5)
-    L_ic  = sum CE(S(x_s), y^) [c >= 0.95] V / sum V, V = the unlabeled padding mask                 (spec §4.1)
-    L = L_sup + L_mix + 0.2 L_ic;  one SGD step;  then EMA of the active teacher only:
-    theta_T <- a theta_T + (1-a) theta_S, a = min(1 - 1/(i+1), 0.99), i = iteration *within the epoch* (spec §1.3)
-  so every shift starts by copying the student (a = 0) and the teacher is the running mean of the student's
-  weights over the shift. S has per-sample drop-path on the residual branch of every backbone block, rates
-  linear from 0 to --drop-path = 0.1 (the "sub-models" of the implicit consistency); the teachers have none.
-  The student is evaluated (spec §1.4).
+    p = softmax(T(x_w)) (no grad, train mode);  c = max p, y^ = argmax p           seg_core/augmentations.py:21-25
+    L_sup = CE(S(x_l), y_l), ignore 255 (OHEM CE on Cityscapes)                       seg_core/augmentations.py:36-37
+    L_mix = L_cutmix (even) = mean_{CE>0} w_i CE(S(x~), y~), w_i = share of image i with c >= 0.95        :146-152
+          | L_classmix (odd) = mean_all w CE(S(x~), y~), w = share of the batch with c~ >= 0.95   :235-241, 285-293
+    L_ic  = sum CE(S(x_s), y^) [c >= 0.95] V / sum V, V = the unlabeled padding mask                    :271-282
+    L = L_sup + L_mix + 0.2 L_ic (tools/train.py:139);  one SGD step;  then EMA of the active teacher only:
+    theta_T <- a theta_T + (1-a) theta_S, a = min(1 - 1/(i+1), 0.99), i = iteration within the shift (:246-250)
+  so a shift starts by copying the student (a = 0), then the teacher is the running mean of the student over its
+  first 100 updates and an EMA with a = 0.99 after. S has per-sample drop-path on the residual branch of the backbone
+  blocks that have a residual connection (every ResNet block; the stride-1 equal-width MBConv blocks of
+  EfficientNet-Lite0), rates linear from 0 to --drop-path = 0.1 over those blocks (the MiT student's 0.1,
+  seg_core/mix_transformer.py:222, 389-394); the teachers have none (:397-402). S is evaluated (tools/train.py:161).
 
-Released-code behaviour -> what we do (spec §9.3, §11):
-- S13 teachers start with random heads -> copies of the student (only the first batch of epochs 0 and 1 differs).
-- S2 the consistency mask V comes from the *labeled* batch's ground truth (a bug) -> the unlabeled images' own
-  padding mask; --ic-valid-from-labeled restores the released behaviour.
-- S1 the EMA ramp restarts every epoch -> kept (it is the method); --ema-step global is an ablation only.
-- S3 no shuffling under DDP, the same first unlabeled images every epoch -> both streams reshuffle every epoch.
-- S4 the strong view jitters normalised batch tensors with one factor set per batch -> UniMatch's per-image
-  strong view (datasets.strong_photometric), spec §6.2's recommendation for VOC/Cityscapes; the coded variant is an
-  ADE20K/SegFormer quirk and is not offered.
-- S8 teachers make pseudo-labels in train mode (BN batch statistics) -> kept. The released code calls the teacher
-  twice per iteration (mix, consistency) because SegFormer's head has dropout; DeepLabv3+ has none, so a second
-  train-mode forward of the same x_w returns the same output: we forward once (tested).
-- S5/S6/S7 kept: CutMix mixes the weak images and hard labels with a ReCo-style box (one Beta(4,4) lambda per
-  batch, centres drawn from [H/8, H) x [W/8, W)), then jitters/blurs/flips each mixed image; its weight uses the
-  *un-mixed* confidence quantised to 8 bits (floor(255c)/255, the PIL round trip; the released code also flips
-  that map with the image, which cannot change a per-image fraction, so we don't); ClassMix pastes floor(n/2)
-  classes on the strong view with one full-precision batch weight; neither mix loss masks anything (no threshold
-  mask, padding included). The released code round-trips the CutMix image through 8-bit PIL; we jitter and blur
-  in float on the device (PIL's GaussianBlur(radius) ~ a Gaussian of std radius), a <= 1/255 difference.
-- the teachers keep their own BN statistics (EMA on parameters only, as coded); they only matter for the
-  eval-mode overlays and the pseudo-label probe, since pseudo-labels use batch statistics.
-- VOC/Cityscapes recipe: not released (spec §6.2, [U]); UniMatch's (conventions.md §4): SGD, poly 0.9, VOC lr 1e-3
-  head x10, 80 epochs, crop 321, ResNet-50 (the paper's VOC table); Cityscapes lr 5e-3 head x1, 240 epochs,
-  crop 801, OHEM, sliding-window eval, threshold 0.95 (not UniMatch's 0). Drop-path on ResNet blocks is our
-  assumption (spec §4.2): linspace(0, 0.1) over all residual blocks. Evaluation: full val set, original
-  resolution; best and last are both logged (the released code reports the best epoch on half the val set).
-Shared deviations: common.py (torchvision-layout ResNet, SyncBN only on CUDA).
+Shift length (--iters-per-epoch; the released epoch is one pass over the labeled loader, tools/train.py:109). VOC,
+Cityscapes: UniMatch's epoch, one unlabeled pass at the global unlabeled batch (LiheYoung/UniMatch@0324f3d
+unimatch.py:77-93): 1,299 iterations on VOC 1/8, 661-1,311 over the VOC splits, 185-348 on Cityscapes 1/2-1/16, so
+every shift reaches the cap and runs on after it. CamVid, toy (ours): a CamVid 1/8 pass is 40 iterations, ending a
+shift at a = 0.975 with a lag of 19.5 steps (~90 on VOC). The method needs shifts that reach the cap (>= 100 updates)
+and use the teacher after it, and >= 4 shifts: 400 on CamVid (1,600 = 4 shifts, 2 per teacher, evaluated at each
+shift end), 100 on toy (300 = 3 shifts; 4 would end below the cap). Every shift ending below the cap logs a WARNING.
+--iters-per-epoch 40 is the former CamVid default (the "40-iteration shifts" ablation).
 
+Logged per shift (a line at each shift end; metrics.jsonl at evaluations, the active teacher's shift so far):
+ema_a_max = the largest a reached; teacher_lag = the teacher's mean lag in student steps after its last update s:
+with theta_T = sum_j w_j theta_S(j) (theta_S(j) = the student after step j, w_j >= 0, sum 1), lag = sum_j w_j (s-j),
+the EMA-weighted mean age of the student iterates it averages (recursion lag <- a (lag + g), g = student steps since
+its previous update); teacher_lag_mean = its mean over the shift's updates. In a shift (i = 0, 1, ...): lag_i = i/2
+to i = 99, then 99 - 49.5 * 0.99^(i-99) -> 99 (a plain 0.99 EMA); shifts of 40 / 400 / 1,299 end at a 0.975 / 0.99 /
+0.99, lag 19.5 / 96.6 / 99.0 (mean 9.75 / 68.8 / 89.5). The probe (pseudo_* keys) scores the active teacher exactly
+as it labels: train mode (BN batch statistics) on batches of --unlabeled-batch-size probe images (whole rescaled
+unlabeled images, not crops), its BN buffers restored afterwards.
+
+Released code -> what we do, and why:
+- Teachers with their own random heads (tools/train.py:402-414) -> student copies (changes 2 pseudo-label batches).
+- V comes from the *labeled* batch's ground truth (tools/train.py:125; augmentations.py:280-281), a bug -> the
+  unlabeled images' own padding mask; --ic-valid-from-labeled restores the released behaviour.
+- The EMA ramp restarts every shift: kept (the method). --ema-step teacher, the no-reset ablation: a teacher's ramp
+  counts its own updates from its first shift (a = 0 there: a student copy, as in the method), so an idle teacher
+  comes back lagging by the other's shift (teacher_lag shows it). It replaces --ema-step global (the global step),
+  under which T2's first update kept a = n/(n+1) of its initial copy (n = shift length), half of it after the shift.
+- No shuffling under DDP (tools/train.py:421-430; mmseg/datasets/builder.py:116-119) and the unlabeled iterator
+  restarts every epoch (tools/train.py:97): the same first unlabeled images each epoch -> both streams reshuffle.
+- Strong view: jitter of the normalised batch tensor, one factor set per batch (tools/train.py:129-131) -> UniMatch's
+  per-image view with these parameters (datasets.strong_photometric; LiheYoung/UniMatch@0324f3d dataset/semi.py:51-54).
+- Pseudo-labels in train mode, BN batch statistics (tools/train.py:108): kept. The code calls the teacher twice per
+  iteration (augmentations.py:22 or 212, and 273) as SegFormer's head has dropout (seg_core/segformer_head.py:96,
+  128); DeepLabv3+ has none, so a second train-mode forward of x_w is identical: we forward once (tested).
+- Mixing as coded: CutMix on the weak images and hard labels, one box size per batch (lambda ~ Beta(4,4), centres in
+  [H/8, H) x [W/8, W), augmentations.py:155-192), then per-image jitter/blur/flip (:65-143), weighted by the *un-mixed*
+  confidence quantised to 8 bits (floor(255c)/255; the code's flip of that map cannot change a per-image share);
+  ClassMix pastes floor(n/2) classes on the strong view, one batch weight (:195-255); no mix loss masks a pixel. We
+  jitter/blur in float, not 8-bit PIL (GaussianBlur(radius) ~ a Gaussian of std radius): a <= 1/255 difference.
+- Teachers keep their own BN statistics (EMA of parameters only, tools/train.py:249-250): used by the overlays only.
+- VOC/Cityscapes recipe, not released -> UniMatch's (LiheYoung/UniMatch@0324f3d configs/pascal.yaml:4-16,
+  configs/cityscapes.yaml:4-17): SGD (the ADE20K code: AdamW, tools/train.py:436-461), poly 0.9, VOC lr 1e-3 head
+  x10, 80 epochs, crop 321, ResNet-50 (the paper's VOC table); Cityscapes lr 5e-3 head x1, 240 epochs, crop 801, OHEM,
+  sliding-window eval, threshold 0.95 (not UniMatch's 0). Drop-path on ResNet blocks is our assumption (the CNN
+  sub-models are not released). Evaluation: full val set, original resolution, best and last logged (the code: the
+  best epoch on half the val set, tools/train.py:157-167, 497-508). Shared: common.py (ResNet layout, SyncBN on CUDA).
 Passes per iteration: 1 teacher forward without grad (x_w), 2 student forward+backward ([x_l; x~] and x_s).
 
   accelerate launch methods/dual_teacher.py --dataset voc --data-root data/VOC2012 --split 1/8
@@ -64,24 +83,50 @@ import torchvision.transforms.v2.functional as TF  # noqa: E402
 import common  # noqa: E402
 from datasets import build_data, classmix_mask, mix, to_device  # noqa: E402
 
-THRESHOLD = 0.95  # confidence threshold of all three unsupervised terms (spec §3.6)
-IC_WEIGHT = 0.2   # weight of the implicit consistency loss (spec §5, train.py:139)
-EMA_CAP = 0.99    # cap of the EMA ramp (spec §1.3, train.py:246-250)
+THRESHOLD = 0.95  # confidence threshold of all three terms (tools/train.py:134-138)
+IC_WEIGHT = 0.2   # weight of the implicit consistency loss (tools/train.py:139)
+EMA_CAP = 0.99    # cap of the EMA ramp (tools/train.py:149, 248)
+RAMP = round(1 / (1 - EMA_CAP))  # updates until a reaches the cap: 100
 
-# The paper's values where they differ from the field's conventions (common.DATASET_DEFAULTS = UniMatch's).
+# Our defaults where they differ from the field's conventions (common.DATASET_DEFAULTS = UniMatch's).
 PAPER_DEFAULTS = {
-    "voc": {"backbone": "resnet50"},  # the paper's VOC classic table is DeepLabv3+ ResNet-50 (spec §8.2)
-    "cityscapes": {"ohem": True},     # UniMatch's Cityscapes supervised loss (spec §6.2, conventions.md §4)
+    "voc": {"backbone": "resnet50"},  # the paper's VOC classic table is DeepLabv3+ ResNet-50 (its Table 1)
+    "cityscapes": {"ohem": True},     # UniMatch's loss (LiheYoung/UniMatch@0324f3d configs/cityscapes.yaml:12-17)
+    "camvid": {"iters_per_epoch": 400},  # ours, not the paper's: 4 shifts at the cap in 1,600 iterations (docstring)
+    "toy": {"iters_per_epoch": 100},     # ours: 3 shifts of 300, each reaching the cap (docstring)
 }
 
 
 def active(epoch: int) -> tuple[int, str]:
-    """The switching rule (spec §2): even epochs teacher 1 with CutMix, odd epochs teacher 2 with ClassMix."""
+    """The switching rule (tools/train.py:99-106): even epochs T1 with CutMix, odd epochs T2 with ClassMix."""
     return (0, "cutmix") if epoch % 2 == 0 else (1, "classmix")
 
 
+def ramp_index(step: int, iters_per_epoch: int, ema_step: str) -> int:
+    """i of a = min(1 - 1/(i+1), 0.99) at `step`: the iteration within the shift, or the active teacher's count of
+    earlier updates (--ema-step teacher; its shifts are every other epoch)."""
+    epoch, i = divmod(step, iters_per_epoch)
+    return i if ema_step == "epoch" else (epoch // 2) * iters_per_epoch + i
+
+
+def shift_stats(step: int, iters_per_epoch: int, ema_step: str) -> tuple[float, float, float]:
+    """(largest a, lag, mean lag) of the active teacher over its current shift up to the update of `step`. lag =
+    sum_j w_j (step - j) for theta_T = sum_j w_j theta_S(j) (docstring), by its recursion lag <- a (lag + g) over the
+    teacher's updates, g = steps since its previous one; a = 0 at its first update makes earlier history irrelevant."""
+    epoch = step // iters_per_epoch
+    lag, previous, lags, a_max = 0.0, None, [], 0.0
+    for e in range(epoch if ema_step == "epoch" else epoch % 2, epoch + 1, 2):
+        for s in range(e * iters_per_epoch, min((e + 1) * iters_per_epoch, step + 1)):
+            a = common.ema_decay(ramp_index(s, iters_per_epoch, ema_step), EMA_CAP)
+            lag, previous = a * (lag + (s - previous if previous is not None else 0)), s
+            if e == epoch:
+                lags.append(lag)
+                a_max = max(a_max, a)
+    return a_max, lag, sum(lags) / len(lags)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# CutMix (even epochs, spec §3.4) and ClassMix (odd epochs, spec §3.5)
+# CutMix (even epochs, seg_core/augmentations.py:20-42) and ClassMix (odd epochs, :209-243)
 # ----------------------------------------------------------------------------------------------------------
 def cutmix_boxes(b: int, h: int, w: int, rng: np.random.Generator) -> torch.Tensor:
     """bool [B,H,W], True = take the partner's pixels. One lambda ~ Beta(4,4) per batch gives one box size
@@ -97,9 +142,9 @@ def cutmix_boxes(b: int, h: int, w: int, rng: np.random.Generator) -> torch.Tens
 
 
 def cutmix_photometric(images, labels, rng, mean, std):
-    """Per mixed image (spec §3.4 step 2): colour jitter with brightness/contrast/saturation U(0.75, 1.25) and hue
-    U(-0.25, 0.25) in random order with p=0.8, Gaussian blur sigma U(0.15, 1.15) with p=0.5, and a horizontal flip
-    of image and label together with p=0.5; on the de-normalised [0,1] image."""
+    """Per mixed image (seg_core/augmentations.py:94-110): colour jitter with brightness/contrast/saturation
+    U(0.75, 1.25) and hue U(-0.25, 0.25) in random order with p=0.8, Gaussian blur sigma U(0.15, 1.15) with p=0.5,
+    and a horizontal flip of image and label together with p=0.5; on the de-normalised [0,1] image."""
     out_images, out_labels = [], []
     for x, y in zip(images, labels):
         x = (x * std + mean).clamp(0, 1)
@@ -123,7 +168,7 @@ def cutmix_photometric(images, labels, rng, mean, std):
 def make_mix(kind, x_w, x_s, label, conf, rng, mean, std):
     """The mixed batch (x~, y~, c~) of the active teacher's pseudo-labels (label, conf)."""
     b, h, w = label.shape
-    if kind == "cutmix":  # on the WEAK images; the confidence stays the un-mixed image's (as coded, S5)
+    if kind == "cutmix":  # on the WEAK images; the confidence stays the un-mixed image's (augmentations.py:27-31)
         perm = torch.from_numpy(rng.permutation(b)).to(label.device)  # fixed points allowed
         box = cutmix_boxes(b, h, w, rng).to(label.device)
         images, labels = cutmix_photometric(mix(box, x_w[perm], x_w), mix(box, label[perm], label), rng, mean, std)
@@ -138,8 +183,8 @@ def make_mix(kind, x_w, x_s, label, conf, rng, mean, std):
 # Losses
 # ----------------------------------------------------------------------------------------------------------
 def cutmix_loss(logits, label, conf):
-    """spec §3.4 step 4 (ReCo's weighting): w_i = share of pixels of image i whose 8-bit-quantised confidence is
-    >= 0.95; the mean of w_i CE over the pixels with CE > 0. No pixel is masked. Returns (loss, mean w)."""
+    """seg_core/augmentations.py:146-152 (ReCo's weighting): w_i = share of pixels of image i whose 8-bit-quantised
+    confidence is >= 0.95; the mean of w_i CE over the pixels with CE > 0. No pixel is masked. Returns (loss, w)."""
     w = (torch.floor(conf * 255) / 255 >= THRESHOLD).float().mean((1, 2))
     ce = F.cross_entropy(logits.float(), label, reduction="none")
     nonzero = (ce > 0).float()
@@ -147,15 +192,15 @@ def cutmix_loss(logits, label, conf):
 
 
 def classmix_loss(logits, label, conf):
-    """spec §3.5 step 7 (DACS's weighting): one scalar w = share of all mixed pixels with confidence >= 0.95,
-    times the CE averaged over every pixel. Returns (loss, w)."""
+    """seg_core/augmentations.py:238-241, 290-293 (DACS's weighting): one scalar w = share of all mixed pixels
+    with confidence >= 0.95, times the CE averaged over every pixel. Returns (loss, w)."""
     w = (conf >= THRESHOLD).float().mean()
     return w * F.cross_entropy(logits.float(), label), w
 
 
 def consistency_loss(logits, label, conf, valid):
-    """L_ic (spec §4.1): hard weak-view target, only confident valid pixels count, normalised by the number of
-    valid pixels (not of confident ones). Returns (loss, share of valid pixels that are confident)."""
+    """L_ic (seg_core/augmentations.py:271-282): hard weak-view target, only confident valid pixels count,
+    normalised by the number of valid pixels (not of confident ones). Returns (loss, confident share of valid)."""
     ce = F.cross_entropy(logits.float(), label, reduction="none")
     keep = (conf >= THRESHOLD) & valid
     n_valid = valid.sum().clamp(min=1)
@@ -196,16 +241,16 @@ def train_step(step, batch_l, batch_u, student, teachers, optimizer, accelerator
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # EMA of the active teacher only, parameters only; the ramp restarts with every shift (i = 0 copies S)
-    decay = common.ema_decay(i if args.ema_step == "epoch" else step, EMA_CAP)
+    decay = common.ema_decay(ramp_index(step, args.iters_per_epoch, args.ema_step), EMA_CAP)
     common.ema_update(teacher, accelerator.unwrap_model(student), decay, buffers="keep")
     return dict(loss=loss, loss_sup=loss_sup, loss_mix=loss_mix, loss_ic=loss_ic, mix_weight=mix_weight,
                 ic_ratio=ic_ratio)
 
 
 def build_networks(args, num_classes, device):
-    """The student with drop-path (rates linear from 0 to --drop-path over the backbone blocks) and two
-    teachers: the same network without drop-path, initialised as copies of the student (S13), no gradients,
-    plain BN (as coded; they stay outside DDP), always in train mode."""
+    """The student with drop-path (rates linear from 0 to --drop-path over the backbone blocks that have a residual
+    connection) and two teachers: the same network without drop-path, initialised as copies of the student (the
+    code builds them with random heads, docstring), no gradients, plain BN (as coded; outside DDP), train mode."""
     student = common.build_model(args.backbone, num_classes, args.pretrained, args.output_stride,
                                  args.decoder_channels, drop_path=args.drop_path)
     teachers = []
@@ -219,13 +264,16 @@ def build_networks(args, num_classes, device):
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--drop-path", type=float, default=0.1,
-                        help="student's maximum drop-path rate, linear from 0 over the backbone blocks (spec §4)")
+                        help="student's maximum drop-path rate, linear from 0 over the backbone blocks that have a "
+                             "residual connection (every ResNet block); the MiT student's 0.1")
     parser.add_argument("--iters-per-epoch", type=int,
-                        help="length of an epoch (one teacher shift); default one pass over the unlabeled set")
+                        help="length of an epoch = one teacher shift (default: one pass over the unlabeled set; "
+                             "ours: 400 on CamVid, 100 on toy, so the EMA reaches its cap in every shift)")
     parser.add_argument("--ic-valid-from-labeled", action="store_true",
-                        help="released-code bug S2: consistency mask/normaliser from the labeled batch's labels")
-    parser.add_argument("--ema-step", choices=["epoch", "global"], default="epoch",
-                        help="EMA ramp index: within the epoch (the method) or global (ablation, spec S1)")
+                        help="the released code's bug: consistency mask/normaliser from the labeled batch's labels")
+    parser.add_argument("--ema-step", choices=["epoch", "teacher"], default="epoch",
+                        help="EMA ramp index: the iteration within the shift (the method), or 'teacher': the "
+                             "active teacher's own update count, never restarting (no-reset ablation)")
     parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
                         help="OHEM cross-entropy for L_sup (default: on for Cityscapes only)")
     args = common.resolve_args(parser, PAPER_DEFAULTS, "dual_teacher", argv)
@@ -234,14 +282,15 @@ def main(argv=None):
     if args.ic_valid_from_labeled and args.batch_size != args.unlabeled_batch_size:
         parser.error("--ic-valid-from-labeled needs --batch-size == --unlabeled-batch-size")
     mean, std = common.normalization(args.backbone)
+    if args.iters_per_epoch is not None and args.iters_per_epoch <= 0:
+        parser.error(f"--iters-per-epoch must be positive, got {args.iters_per_epoch}")
     data = build_data(args, accelerator, mean, std)
-    args.iters_per_epoch = args.iters_per_epoch or data.unlabeled_epoch
-    total = common.total_iterations(args, args.iters_per_epoch)
-    eval_every = args.eval_every or args.iters_per_epoch
+    args.iters_per_epoch = ipe = args.iters_per_epoch or data.unlabeled_epoch
+    total = common.total_iterations(args, ipe)
+    eval_every = args.eval_every or ipe
     log.info(f"{len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled ({args.split}), {len(data.val_set)} "
-             f"val; an epoch (one teacher shift) = {args.iters_per_epoch} iterations"
-             + (" (one pass over the unlabeled set)" if args.iters_per_epoch == data.unlabeled_epoch else "")
-             + f"; {total} iterations")
+             f"val; an epoch (one teacher shift) = {ipe} iterations (one pass over the unlabeled set: "
+             f"{data.unlabeled_epoch}); {total} iterations; EMA ramp index: {args.ema_step}")
 
     # --- networks and optimiser --------------------------------------------------------------------------
     student, teachers = build_networks(args, data.num_classes, accelerator.device)
@@ -257,9 +306,8 @@ def main(argv=None):
         sys.exit(f"--resume: the checkpoint used {saved} iterations per epoch, this run {args.iters_per_epoch}; "
                  f"the teacher shifts would change (pass --iters-per-epoch {saved})")
 
-    def pseudo_labels(image):  # overlays: the active teacher with its own BN statistics
-        teacher = teachers[active(state.extra["epoch"])[0]]
-        teacher.eval()
+    def pseudo_labels(image):  # overlays only: the active teacher in eval mode, with its own BN statistics
+        teacher = teachers[active(state.extra["epoch"])[0]].eval()
         out = teacher(image).argmax(1)
         teacher.train()
         return out
@@ -269,12 +317,16 @@ def main(argv=None):
     meter, bar = common.LossMeter(), common.progress_bar(accelerator, total, start)
     student.train()
     for step in range(start, total):
-        epoch, i = divmod(step, args.iters_per_epoch)
+        epoch, i = divmod(step, ipe)
         if i == 0 or step == start:
             index, kind = active(epoch)
+            last = min((epoch + 1) * ipe, total) - 1  # the shift's last update has its largest a
+            a_end = common.ema_decay(ramp_index(last, ipe, args.ema_step), EMA_CAP)
             log.info(f"epoch {epoch} (iteration {step}{', resumed mid-epoch' if i else ''}): teacher T{index + 1} "
-                     f"+ {'CutMix' if kind == 'cutmix' else 'ClassMix'}")
-        state.extra.update(epoch=epoch, iters_per_epoch=args.iters_per_epoch)
+                     f"+ {'CutMix' if kind == 'cutmix' else 'ClassMix'}" + (
+                         f". WARNING: this shift ({last + 1 - epoch * ipe} iterations) ends at a = {a_end:.4f}, "
+                         f"below the cap {EMA_CAP}: the ramp needs {RAMP} updates" if a_end < EMA_CAP else ""))
+        state.extra.update(epoch=epoch, iters_per_epoch=ipe)
         batch_l = to_device(next(labeled), accelerator.device)
         batch_u = to_device(next(unlabeled), accelerator.device)
         lr = common.poly_lr(optimizer, args.lr, step, total)
@@ -282,17 +334,24 @@ def main(argv=None):
         meter.update(**terms)
         bar.update(1)
 
-        done = step + 1
+        done, index = step + 1, active(epoch)[0]
+        a_max, lag, lag_mean = shift_stats(step, ipe, args.ema_step) if done % ipe == 0 or done in (
+            total, args.stop_at) or done % eval_every == 0 else (None, None, None)
+        if done % ipe == 0 or done == total:
+            log.info(f"end of epoch {epoch} (T{index + 1}, iteration {done}): largest a {a_max:.4f}, "
+                     f"teacher lag {lag:.1f} steps (mean over the shift {lag_mean:.1f})")
         if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", mix_w=f"{losses['mix_weight']:.2f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
-            teacher = teachers[active(epoch)[0]]
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, student, done,
-                                           pseudo_label_fn=pseudo_labels, probe=(teacher, THRESHOLD),
-                                           extra_record={"epoch": epoch, "teacher": f"T{active(epoch)[0] + 1}"})
+                                           pseudo_label_fn=pseudo_labels,  # probe: exactly as it labels
+                                           probe=(teachers[index], THRESHOLD, args.unlabeled_batch_size),
+                                           extra_record={"epoch": epoch, "teacher": f"T{index + 1}",
+                                                         "ema_a_max": round(a_max, 5), "teacher_lag": round(lag, 3),
+                                                         "teacher_lag_mean": round(lag_mean, 3)})
         if done == args.stop_at:
             break
     bar.close()

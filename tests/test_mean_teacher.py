@@ -1,0 +1,150 @@
+"""methods/mean_teacher.py: the closed form of L_u, the CutMix of image/label/confidence/padding, the EMA
+teacher, then end to end through the command line (1 and 2 processes) and exact resume."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import TINY, assert_resume_equivalent, load_checkpoint, read_metrics, run_method
+from methods import mean_teacher as mt
+
+K = 3  # classes of the tiny model
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+    return Accelerator(cpu=True)
+
+
+def test_unsupervised_loss_closed_form():
+    """Two pixels pass (confident and valid), one is confident but padded, one valid but unconfident: the loss is
+    the CE of the two passing pixels summed, divided by the 3 valid pixels (not by the 2 passing ones)."""
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]).t()[None, :, None]
+    target = torch.tensor([[[0, 2, 2, 1]]])
+    confidence = torch.tensor([[[0.96, 0.99, 0.99, 0.5]]])
+    valid = torch.tensor([[[True, True, False, True]]])
+    loss, passed = mt.unsupervised_loss(logits, target, confidence, valid, 0.95)
+    ce0 = -torch.log_softmax(torch.tensor([2.0, 0.0, 0.0]), 0)[0]
+    ce1 = -torch.log_softmax(torch.tensor([0.0, 1.0, 0.0]), 0)[2]
+    assert torch.allclose(loss, (ce0 + ce1) / 3)
+    assert torch.allclose(passed, torch.tensor(2 / 3))
+    loss, passed = mt.unsupervised_loss(logits, target, confidence, torch.zeros_like(valid), 0.95)
+    assert loss == 0 and passed == 0  # no valid pixel: no division by zero
+
+
+class Recorder(nn.Module):
+    """A tiny segmentation network (1x1 conv) that records every input batch."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv, self.bn = nn.Conv2d(3, K, 1), nn.BatchNorm2d(K)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.bn(self.conv(x))
+
+
+def batches(b=2, h=8, w=10):
+    g = torch.Generator().manual_seed(0)
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    valid[1, :, -3:] = False
+    return ({"image": torch.randn(b, 3, h, w, generator=g), "mask": torch.randint(0, K, (b, h, w), generator=g)},
+            {"image": torch.randn(b, 3, h, w, generator=g), "image_strong": torch.randn(b, 3, h, w, generator=g),
+             "valid": valid})
+
+
+def test_cutmix_mixes_image_label_confidence_and_padding_alike(accelerator, monkeypatch):
+    """Inside the box the student sees the partner's strong image and learns the partner's teacher label under the
+    partner's confidence and padding; outside, its own. The teacher sees the weak, un-mixed view."""
+    student, teacher = Recorder(0), Recorder(1).eval()
+    box = torch.zeros(2, 8, 10, dtype=torch.bool)
+    box[0, 2:6, 3:9] = True
+    monkeypatch.setattr(mt, "cutmix_box_mask", lambda *a, **k: box.clone())
+    seen = {}
+    real = mt.unsupervised_loss
+
+    def spy(logits, target, confidence, valid, threshold):
+        seen.update(target=target, confidence=confidence, valid=valid)
+        return real(logits, target, confidence, valid, threshold)
+
+    monkeypatch.setattr(mt, "unsupervised_loss", spy)
+    bl, bu = batches()
+    with torch.no_grad():
+        confidence, label = teacher(bu["image"]).softmax(1).max(1)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99)
+    mt.train_step(5, bl, bu, student, teacher, optimizer, accelerator, args)
+    assert torch.equal(teacher.inputs[-1], bu["image"])
+    x_mix = student.inputs[0][2:]
+    partner = lambda t: t.roll(-1, 0)  # noqa: E731
+    for got, own in ((x_mix, bu["image_strong"]), (seen["target"], label), (seen["confidence"], confidence),
+                     (seen["valid"], bu["valid"])):
+        m = box if got.dim() == 3 else box[:, None].expand_as(got)
+        assert torch.equal(got[m], partner(own)[m]) and torch.equal(got[~m], own[~m])
+    assert torch.equal(student.inputs[0][:2], bl["image"])  # one forward on [labeled; mixed]
+
+
+def test_teacher_is_the_ema_of_parameters_and_bn_statistics(accelerator):
+    """Step 0 (a = 0): the teacher becomes the student, BN statistics included. Step 1 (a = 1/2): the mean of
+    the two. The student's gradient never reaches the teacher."""
+    student, teacher = Recorder(0), Recorder(1).eval()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    args = SimpleNamespace(ohem=False, threshold=0.0, lambda_u=1.0, ema_decay=0.99)
+    bl, bu = batches()
+    terms = mt.train_step(0, bl, bu, student, teacher, optimizer, accelerator, args)
+    for (name, t), s in zip(teacher.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(t, s), name
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    mt.train_step(1, bl, bu, student, teacher, optimizer, accelerator, args)
+    after = student.state_dict()
+    for name, t in teacher.state_dict().items():
+        if t.is_floating_point():
+            assert torch.allclose(t, 0.5 * before[name] + 0.5 * after[name]), name
+    assert all(p.grad is None for p in teacher.parameters())
+    assert terms["loss_u"] > 0 and torch.allclose(terms["loss"], terms["loss_sup"] + terms["loss_u"])
+
+
+def test_threshold_above_one_leaves_the_supervised_loss(accelerator):
+    student, teacher = Recorder(0), Recorder(1).eval()
+    args = SimpleNamespace(ohem=False, threshold=1.0 + 1e-6, lambda_u=1.0, ema_decay=0.99)
+    bl, bu = batches()
+    terms = mt.train_step(3, bl, bu, student, teacher, torch.optim.SGD(student.parameters(), lr=0.1),
+                          accelerator, args)
+    assert terms["loss_u"] == 0 and terms["passed"] == 0 and torch.equal(terms["loss"], terms["loss_sup"])
+
+
+def test_defaults_per_dataset():
+    """tau 0.95 and plain CE, except Cityscapes: tau 0 and OHEM (UniMatch's configs/cityscapes.yaml)."""
+    for dataset, threshold, ohem in (("voc", 0.95, False), ("cityscapes", 0.0, True), ("camvid", 0.95, False)):
+        args = mt.parse_args(["--dataset", dataset])
+        assert (args.threshold, args.ohem, args.ema_decay, args.lambda_u) == (threshold, ohem, 0.99, 1.0)
+    assert mt.parse_args(["--dataset", "cityscapes", "--threshold", "0.9"]).threshold == 0.9
+
+
+def test_bad_threshold_is_one_line(tmp_path):
+    result = run_method("mean_teacher.py", [*TINY, "--iters", "2", "--threshold", "1.5", "--out", str(tmp_path)],
+                        check=False)
+    assert result.returncode == 2 and "--threshold must be in [0, 1]" in result.stderr
+
+
+def test_single_process_end_to_end_and_resume(tmp_path):
+    ckpt = assert_resume_equivalent("mean_teacher.py", TINY, tmp_path, iters=4)
+    metrics = read_metrics(tmp_path / "straight")
+    assert [m["iteration"] for m in metrics] == [2, 4]
+    for key in ("miou", "miou_student", "pseudo_acc", "pseudo_share", "pseudo_acc_all", "train_passed"):
+        assert key in metrics[-1], key
+    teacher = ckpt["custom_checkpoint_0.pkl"]
+    saved = torch.load(tmp_path / "straight" / "model_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], teacher[k]) for k in saved)  # the deployed network is the teacher
+
+
+def test_two_processes(tmp_path):
+    out = tmp_path / "run2"
+    run_method("mean_teacher.py", [*TINY, "--iters", "2", "--eval-every", "2", "--out", str(out)], processes=2)
+    assert (out / "checkpoints" / "last" / "random_states_1.pkl").exists()
+    assert read_metrics(out)[-1]["iteration"] == 2
+    load_checkpoint(out / "checkpoints" / "last")

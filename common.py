@@ -392,6 +392,17 @@ def sgd(groups: list[dict], lr: float, weight_decay: float = 1e-4, momentum: flo
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def confident_ce(logits: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, valid: torch.Tensor,
+                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-label CE on the pixels whose teacher confidence is >= threshold, normalised by the number of valid
+    (non-padded) pixels, not of the confident ones (UniMatch's `LiheYoung/UniMatch@0324f3d fixmatch.py:162-164`;
+    Dual Teacher's L_ic). Returns (loss, share of the valid pixels that pass)."""
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    passed = (confidence >= threshold) & valid
+    n_valid = valid.sum().clamp(min=1)
+    return (ce * passed).sum() / n_valid, passed.sum() / n_valid
+
+
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
                        min_kept: int = 200_000) -> torch.Tensor:
     """Online hard example mining CE (UniMatch's Cityscapes supervised loss): average CE over the valid
@@ -532,6 +543,15 @@ DATASET_DEFAULTS = {
                 image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.01, head_lr_mult=1.0,
                 weight_decay=1e-4, iters=300, eval_every=100, eval_mode="whole"),
 }
+
+
+def str2bool(text: str) -> bool:
+    """A true/false flag value (true/false, yes/no, 1/0, on/off); anything else is a one-line argparse error."""
+    value = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False,
+             "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

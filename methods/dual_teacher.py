@@ -23,9 +23,10 @@ Shift length (--iters-per-epoch; the released epoch is one pass over the labeled
 Cityscapes: UniMatch's epoch, one unlabeled pass at the global unlabeled batch (LiheYoung/UniMatch@0324f3d
 unimatch.py:77-93): 1,299 iterations on VOC 1/8, 661-1,311 over the VOC splits, 185-348 on Cityscapes 1/2-1/16, so
 every shift reaches the cap and runs on after it. CamVid, toy (ours): a CamVid 1/8 pass is 40 iterations, ending a
-shift at a = 0.975 with a lag of 19.5 steps (~90 on VOC). The method needs shifts that reach the cap (>= 100 updates)
-and use the teacher after it, and >= 4 shifts: 400 on CamVid (1,600 = 4 shifts, 2 per teacher, evaluated at each
-shift end), 100 on toy (300 = 3 shifts; 4 would end below the cap). Every shift ending below the cap logs a WARNING.
+shift at a = 0.975 with a lag of 19.5 steps (99 on VOC 1/8; means 9.75 vs 89.5). The method needs shifts that
+reach the cap (>= 100 updates) and use the teacher after it, and >= 4 shifts: 400 on CamVid (1,600 = 4 shifts, 2
+per teacher, evaluated at each shift end), 100 on toy (300 = 3 shifts; 4 would end below the cap). Every shift
+ending below the cap logs a WARNING.
 --iters-per-epoch 40 is the former CamVid default (the "40-iteration shifts" ablation).
 
 Logged per shift (a line at each shift end; metrics.jsonl at evaluations, the active teacher's shift so far):
@@ -201,10 +202,7 @@ def classmix_loss(logits, label, conf):
 def consistency_loss(logits, label, conf, valid):
     """L_ic (seg_core/augmentations.py:271-282): hard weak-view target, only confident valid pixels count,
     normalised by the number of valid pixels (not of confident ones). Returns (loss, confident share of valid)."""
-    ce = F.cross_entropy(logits.float(), label, reduction="none")
-    keep = (conf >= THRESHOLD) & valid
-    n_valid = valid.sum().clamp(min=1)
-    return (ce * keep).sum() / n_valid, keep.sum() / n_valid
+    return common.confident_ce(logits, label, conf, valid, THRESHOLD)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,7 +272,7 @@ def main(argv=None):
     parser.add_argument("--ema-step", choices=["epoch", "teacher"], default="epoch",
                         help="EMA ramp index: the iteration within the shift (the method), or 'teacher': the "
                              "active teacher's own update count, never restarting (no-reset ablation)")
-    parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--ohem", type=common.str2bool,
                         help="OHEM cross-entropy for L_sup (default: on for Cityscapes only)")
     args = common.resolve_args(parser, PAPER_DEFAULTS, "dual_teacher", argv)
     args.ohem = bool(args.ohem)

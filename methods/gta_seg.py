@@ -226,8 +226,9 @@ def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_stu
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--official-code", action="store_true",
-                        help="ablation: reproduce the released code's storage sharing of the student's and the "
-                             "assistant's mask predictor (docstring); default: the paper's method")
+                        help="ablation: reproduce the released code's storage sharing (teacher, assistant and student "
+                             "share every parameter in the first semi-supervised epoch, then the student's and the "
+                             "assistant's mask predictor; docstring); default: the paper's method")
     parser.add_argument("--ema-decay", type=float, help="cap of the teacher's EMA decay (0.999, config.yaml:68)")
     parser.add_argument("--ta-ema-decay", type=float, help="cap of the assistant->student EMA decay (0.999, "
                                                            "hard-coded in train_gta.py:418)")

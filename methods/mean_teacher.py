@@ -9,11 +9,11 @@ its own teacher. One student S, one teacher T = EMA of S; per iteration:
       x~ = M * x_s[partner] + (1 - M) * x_s,  y~, c~, V~ mixed with the same boxes     (fixmatch.py:139-158)
   L_sup = CE(S(x_l), y_l), ignore 255 (OHEM CE on Cityscapes, UniMatch's configs/cityscapes.yaml)
   L_u   = sum_px CE(S(x~), y~) [c~ >= tau] V~ / sum_px V~                                (fixmatch.py:162-164)
-  L     = L_sup + lambda_u L_u, lambda_u = 1 (French et al.'s consistency weight 1)
+  L     = L_sup + lambda_u L_u, lambda_u = 1 (ours; see below)
   one SGD step on S, then T <- a T + (1 - a) S on parameters and BN statistics, a = min(1 - 1/(t+1), 0.99)
 x_s is x_w with UniMatch's photometric strong view (colour jitter, grayscale, blur); V is the unlabeled padding
-mask. The teacher is evaluated and deployed (as in French et al.'s code: `eval_net = teacher_net`); the student's
-mIoU is logged beside it (`Britefury/cutmix-semisup-seg@af6183a train_seg_semisup_mask_mt.py:109`).
+mask. The teacher is evaluated and deployed, as in French et al.'s code (`eval_net = teacher_net`,
+`Britefury/cutmix-semisup-seg@af6183a train_seg_semisup_mask_mt.py:109`); the student's mIoU is logged beside it.
 Passes per iteration: 1 teacher forward (no gradient), 1 student forward + backward.
 
 Choices and differences from the two sources (each with its reason):
@@ -24,14 +24,16 @@ Choices and differences from the two sources (each with its reason):
   al.'s code averages every float tensor of the state (parameters and BN statistics alike,
   `Britefury/cutmix-semisup-seg@af6183a optim_weight_ema.py:9-25`) but runs the teacher in train mode
   (train_seg_semisup_mask_mt.py:270); eval mode makes a pixel's label independent of the other images of the
-  batch (UniMatch labels in eval mode too, fixmatch.py:133). The pseudo-label probe scores the teacher in eval
+  batch (UniMatch labels its CutMix partner batch in eval mode, fixmatch.py:133-137, the main batch in the
+  train-mode forward of the student itself, :142-151). The pseudo-label probe scores the teacher in eval
   mode, i.e. exactly as it labels.
 - CutMix partner: image i takes its box from image i+1 of the same unlabeled batch (the teacher labels it in the
   same pass); UniMatch draws a second unlabeled batch for the partner (one more teacher pass). The box rule is
   UniMatch's obtain_cutmix_box (dataset/transform.py:66-84); French et al. paste one box of half the area.
 - Confidence threshold tau: 0.95 (UniMatch's configs/pascal.yaml; French et al. 0.97); 0 on Cityscapes as in
-  UniMatch's configs/cityscapes.yaml. CamVid/toy use 0.95 (ours). lambda_u = 1: UniMatch averages
-  (L_sup + L_u) / 2, which halves the learning rate of both terms; we keep the loss of French et al.
+  UniMatch's configs/cityscapes.yaml. CamVid/toy use 0.95 (ours). lambda_u = 1 with CE is ours: UniMatch
+  averages (L_sup + L_u) / 2, which halves the learning rate of both terms, and French et al.'s weight 1
+  (:622) multiplies a squared error between probabilities (their default cons_loss_fn 'var', :621), not a CE.
 - One student forward on [x_l; x~] (BN statistics over both, as the other methods here; UniMatch runs the
   labeled and the mixed batch in separate forwards).
 - Schedule, optimiser, crops, evaluation: the field's conventions (UniMatch's configs) and this project's
@@ -58,10 +60,7 @@ PAPER_DEFAULTS = {"cityscapes": dict(ohem=True, threshold=0.0)}
 def unsupervised_loss(logits, target, confidence, valid, threshold):
     """L_u: CE on the confident pixels, normalised by the number of valid (non-padded) pixels, not of the
     confident ones (fixmatch.py:162-164). Returns (loss, share of valid pixels that pass)."""
-    ce = F.cross_entropy(logits.float(), target, reduction="none")
-    passed = (confidence >= threshold) & valid
-    n_valid = valid.sum().clamp(min=1)
-    return (ce * passed).sum() / n_valid, passed.sum() / n_valid
+    return common.confident_ce(logits, target, confidence, valid, threshold)
 
 
 def train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator, args):
@@ -94,9 +93,9 @@ def parse_args(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--threshold", type=float, help="tau: teacher confidence a pseudo-label needs (0.95; "
                                                         "Cityscapes 0, UniMatch's configs)")
-    parser.add_argument("--lambda-u", type=float, default=1.0, help="weight of L_u (French et al.: 1)")
+    parser.add_argument("--lambda-u", type=float, default=1.0, help="weight of L_u (ours: 1)")
     parser.add_argument("--ema-decay", type=float, default=0.99, help="cap of the teacher's EMA decay ramp")
-    parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--ohem", type=common.str2bool,
                         help="OHEM cross-entropy for L_sup (default: on for Cityscapes only)")
     args = common.resolve_args(parser, PAPER_DEFAULTS, "mean_teacher", argv)
     args.ohem = bool(args.ohem)

@@ -53,8 +53,11 @@ Choices and deviations:
  6. (R) Unconditional mutual consultation by default. `--selective`: a network consults only where the consulted
     one's max probability is strictly higher than its own (gates both levels; still divided by all valid pixels).
  7. Optimisation, VOC/Cityscapes as CPS+CutMix: SGD m 0.9, wd 1e-4, poly 0.9, one lr for head and backbone
-    (V/train.py:116-137), VOC lr 0.005 crop 512, Cityscapes lr 0.04 crop 800, batch 16 labeled + 16 unlabeled,
-    34 / 137 epochs (V/config.py:87-108, C/config.py:94-115), an epoch = a pass over the unlabeled set. One SGD
+    (V/train.py:116-137), crop 512 / 800, 34 / 137 epochs (V/config.py:87-108, C/config.py:94-115), an epoch =
+    a pass over the unlabeled set. Batch and lr as the released launch scripts run them, not config.py's
+    fallbacks (16 + 16, lr 0.005 / 0.04): a global batch of 8 labeled + 8 unlabeled split over the GPUs
+    (V/script.sh, C/script.sh, V/dataloader.py:91) at lr 0.0025 x 4 GPUs = 0.01 (VOC) and 0.02 x 8 GPUs =
+    0.16 (Cityscapes), train.py multiplying the lr by the world size (V/train.py:112-114). One SGD
     with four groups (S backbone, S head + A_S, J backbone, J head + A_J) equals CPS's two optimisers but for 2b
     (SGD is per parameter); fp16's scaler steps once per iteration. CamVid/toy: common.DATASET_DEFAULTS (ours).
  8. Batches are normalised for the junior (as evaluate.py does); the senior gets a fixed affine map to its own
@@ -79,13 +82,13 @@ import common  # noqa: E402
 from datasets import build_data, cutmix_box_mask, mix, to_device  # noqa: E402
 
 IGNORE = common.IGNORE_INDEX
-# VOC/Cityscapes: CPS+CutMix's values (TSS V/config.py:73-108, C/config.py:78-115) but the backbone pairs (ours);
-# camvid/toy: ours. Everything else comes from common.DATASET_DEFAULTS.
+# VOC/Cityscapes: CPS+CutMix's values (TSS V/config.py:73-108, C/config.py:78-115, script.sh; choice 7) but the
+# backbone pairs (ours); camvid/toy: ours. Everything else comes from common.DATASET_DEFAULTS.
 PAPER_DEFAULTS = {
-    "voc": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=1.0, lr=0.005, head_lr_mult=1.0,
-                crop_size=[512, 512], global_batch=16, global_unlabeled_batch=16, epochs=34),
-    "cityscapes": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=5.0, lr=0.04,
-                       head_lr_mult=1.0, crop_size=[800, 800], global_batch=16, global_unlabeled_batch=16,
+    "voc": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=1.0, lr=0.01, head_lr_mult=1.0,
+                crop_size=[512, 512], global_batch=8, global_unlabeled_batch=8, epochs=34),  # choice 7
+    "cityscapes": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=5.0, lr=0.16,
+                       head_lr_mult=1.0, crop_size=[800, 800], global_batch=8, global_unlabeled_batch=8,
                        epochs=137, ohem=True),
     "camvid": dict(senior_backbone="efficientnet_lite2", junior_backbone="efficientnet_lite0", lambda_cps=1.0),
     "toy": dict(senior_backbone="efficientnet_lite2", junior_backbone="efficientnet_lite0", lambda_cps=1.0),
@@ -248,7 +251,7 @@ def parse_args(argv=None):
     parser.add_argument("--kc-temperature", type=float, default=1.0, help="T of the prediction-level KL (ours)")
     parser.add_argument("--selective", action="store_true",
                         help="consult only where the consulted network is more confident (choice 6)")
-    parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--ohem", type=common.str2bool,
                         help="OHEM supervised CE (default: Cityscapes only, as CPS)")
     given = parser.parse_known_args(argv)[0]  # which backbone flags were typed, before defaults fill them
     args = common.resolve_args(parser, PAPER_DEFAULTS, "segkc", argv)

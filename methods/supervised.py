@@ -32,7 +32,7 @@ PAPER_DEFAULTS = {"cityscapes": {"ohem": True}}
 
 def main(argv=None):
     parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--ohem", type=lambda s: s.lower() in ("1", "true", "yes"),
+    parser.add_argument("--ohem", type=common.str2bool,
                         help="OHEM cross-entropy (default: on for Cityscapes only)")
     args = common.resolve_args(parser, PAPER_DEFAULTS, "supervised", argv)
     args.ohem = bool(args.ohem)

@@ -64,7 +64,7 @@ PASSES = {
     "segkc": [("fwd", U, "senior"), ("fwd", U, "net"), ("train", L, "senior"), ("train", U, "senior"),
               ("train", L, "net"), ("train", U, "net")],
 }
-SENIOR = {"efficientnet_lite0": "efficientnet_lite2", "resnet18": "resnet50"}  # SegKC's heavier partner in this benchmark
+SENIOR = {"efficientnet_lite0": "efficientnet_lite2", "resnet18": "resnet50"}  # SegKC's heavier partner here
 
 
 def method_flags(method: str, backbone: str) -> list:

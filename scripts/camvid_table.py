@@ -12,7 +12,8 @@ code or our own earlier defaults.
 Runs go to runs/camvid/<row>_s<seed>; a finished run is not repeated, an interrupted one resumes (--resume auto),
 and the report is rewritten after every run. The small files of every finished run (args.json, metrics.jsonl,
 train.jsonl, log.txt, the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/, which the report
-reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's archive to rerun it.
+reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's archive to rerun it. A
+run folder records its command (command.txt); one made by another command than its row's is never reused.
 
   python scripts/camvid_table.py                                   # every row, seeds 0 1 2, ablations 0 1
   python scripts/camvid_table.py --rows mean_teacher_1-8 --seeds 0   # one row, one seed
@@ -48,7 +49,8 @@ ROWS = {
 # row -> (script, split, flags, what it measures, the row it is compared with)
 ABLATIONS = {
     "gta_seg_official_1-8": ("gta_seg", "1/8", LITE0 + ["--official-code"],
-                             "the released code's storage sharing (mask predictor shared by student and assistant)",
+                             "the released code's storage sharing (all T/A/S parameters in the first semi-supervised "
+                             "epoch, then the mask predictor of student and assistant)",
                              "gta_seg_1-8"),
     "ctt_gated_1-8": ("ctt", "1/8", LITE0 + ["--bank-threshold", "0.95"],
                       "bank entry also gated by softmax >= 0.95 (our old rule, in neither paper nor code)", "ctt_1-8"),
@@ -61,8 +63,8 @@ ALL = {**{k: v[:3] for k, v in ROWS.items()}, **{k: v[:3] for k, v in ABLATIONS.
 BASELINE, CONTROL = "supervised_1-8", "mean_teacher_1-8"
 # what explains each row, read from the last evaluation of its runs (mean over seeds where numeric)
 DIAGNOSTICS = ["miou_student", "miou_assistant", "miou_senior", "miou_student_B", "pseudo_share",
-               "contrast_on_iteration", "contrast_on_share", "banks_ready", "bank_fill_min", "teacher_lag",
-               "max_ema_decay", "train_passed"]
+               "contrast_on_iteration", "contrast_on_share", "banks_ready", "bank_fill_min", "ema_a_max",
+               "teacher_lag", "teacher_lag_mean", "train_passed"]
 
 
 def run_dir(name: str, seed: int) -> Path:
@@ -91,16 +93,24 @@ def source(name: str, seed: int) -> Path | None:
     return None
 
 
+def stale(name: str, seed: int) -> bool:
+    """A run folder (or archive) made by another command than this row's current one (its command.txt)."""
+    folder = source(name, seed)
+    recorded = folder / "command.txt" if folder is not None else None
+    return recorded is not None and recorded.exists() and recorded.read_text().strip() != " ".join(command(name, seed))
+
+
 def finished(name: str, seed: int) -> bool:
     folder = source(name, seed)
-    return folder is not None and any(r["iteration"] == ITERS for r in read_jsonl(folder / "metrics.jsonl"))
+    return (folder is not None and not stale(name, seed)
+            and any(r["iteration"] == ITERS for r in read_jsonl(folder / "metrics.jsonl")))
 
 
 def archive(name: str, seed: int, commit: str) -> None:
     """Copy the small files of a finished run into results/ (committed), so the table outlives runs/."""
     out, target = run_dir(name, seed), archive_dir(name, seed)
     target.mkdir(parents=True, exist_ok=True)
-    for file in ("args.json", "metrics.jsonl", "train.jsonl", "log.txt"):
+    for file in ("args.json", "metrics.jsonl", "train.jsonl", "log.txt", "command.txt"):
         if (out / file).exists():
             shutil.copyfile(out / file, target / file)
     (target / "commit.txt").write_text(commit + "\n")
@@ -200,6 +210,9 @@ def report(seeds: list, ablation_seeds: list) -> str:
                      f"{paired_gain(last[name], last[BASELINE]) if name != BASELINE else '-'} | "
                      f"{paired_gain(last[name], last[CONTROL]) if name not in (BASELINE, CONTROL) else '-'} | "
                      f"{mean_std(probe)} | {f'{min(speed):.2f}' if speed else '-'} |")
+    old = [f"{n}_s{s}" for n in ALL for s in (seeds if n in ROWS else ablation_seeds) if stale(n, s)]
+    if old:
+        lines += ["", "Not shown, made by another command than their row's (delete to rerun): " + ", ".join(old)]
     lines += ["", "Quirk ablations: what a default of ours changes against the released code or our earlier default, "
               "paired by seed with the row it modifies.", "",
               "| row | what it measures | seeds | last mIoU per seed | mean ± std | vs its default row | "
@@ -268,7 +281,8 @@ def plots(data: dict, last: dict, results: Path) -> None:
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"{label}, mean over seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(results / file, dpi=100)
         plt.close(fig)
@@ -306,11 +320,16 @@ def main():
             for seed in cli.seeds if name in ROWS else cli.ablation_seeds:
                 if finished(name, seed):
                     continue
+                if stale(name, seed):
+                    print(f"skipped {name} seed {seed}: {source(name, seed)} was made by another command (its "
+                          "command.txt); delete it to rerun this row", flush=True)
+                    continue
                 cmd = command(name, seed)
                 cmd[0] = sys.executable
                 print("running:", " ".join(cmd), flush=True)
                 out, commit = run_dir(name, seed), git_commit()
                 out.mkdir(parents=True, exist_ok=True)
+                (out / "command.txt").write_text(" ".join(command(name, seed)) + "\n")
                 with open(out / "stdout.txt", "a") as log:
                     subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
                 if finished(name, seed):

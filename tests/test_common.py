@@ -719,3 +719,22 @@ def test_pseudo_label_probe_closed_form(accelerator):
     # the rule as a function: pixels 1 and 3 pass, 3 is ignored -> 1 passed, wrong
     assert out["pseudo_acc"] == 0.0 and out["pseudo_share"] == pytest.approx(33.333, abs=1e-3)
     assert common.pseudo_label_probe(_FixedLogits(logits), SimpleNamespace(probe_set=[]), accelerator, 0.8) == {}
+
+
+def test_str2bool_accepts_true_false_and_rejects_anything_else():
+    """--ohem used to read any unknown word (e.g. 'on2') silently as False."""
+    import argparse
+    values = ("true", "Yes", "1", "on", "false", "NO", "0", "off")
+    assert [common.str2bool(v) for v in values] == [True] * 4 + [False] * 4
+    with pytest.raises(argparse.ArgumentTypeError, match="expected true or false"):
+        common.str2bool("maybe")
+
+
+def test_confident_ce_closed_form():
+    """CE of the confident valid pixels (log 2 each), divided by all 3 valid pixels: 2 of them pass."""
+    logits = torch.zeros(1, 2, 1, 4)
+    target = torch.tensor([[[0, 1, 0, 1]]])
+    confidence = torch.tensor([[[0.99, 0.5, 0.99, 0.99]]])
+    valid = torch.tensor([[[True, True, False, True]]])
+    loss, share = common.confident_ce(logits, target, confidence, valid, 0.95)
+    assert torch.allclose(loss, torch.tensor(2 * math.log(2) / 3)) and torch.allclose(share, torch.tensor(2 / 3))

@@ -3,6 +3,7 @@ gains paired by seed, ablation rows, the archive in results/ that outlives runs/
 benchmark run end to end on the toy data."""
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,32 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     text = camvid_table.report([0, 1, 2], [0, 1])
     assert "| 1/3 | 40.0 / - / - | 40.0 |" in row("supervised_1-8") and "| 1/3 | 43.0 / - / - |" in row("ctt_1-8")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
+    """A finished run whose command.txt is not its row's current command (e.g. Dual Teacher with the old
+    40-iteration shifts under the default row's name) is not finished, not in the table, and named as stale."""
+    monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
+    _fake_run("dual_teacher_1-8", 0, [30.0, 50.0])
+    _fake_run("dual_teacher_1-8", 1, [30.0, 48.0])
+    out = camvid_table.run_dir("dual_teacher_1-8", 0)
+    (out / "command.txt").write_text(" ".join(camvid_table.command("dual_teacher_shift40_1-8", 0)) + "\n")
+    (camvid_table.run_dir("dual_teacher_1-8", 1) / "command.txt").write_text(
+        " ".join(camvid_table.command("dual_teacher_1-8", 1)) + "\n")
+    assert camvid_table.stale("dual_teacher_1-8", 0) and not camvid_table.finished("dual_teacher_1-8", 0)
+    assert camvid_table.finished("dual_teacher_1-8", 1) and not camvid_table.stale("dual_teacher_1-8", 1)
+    text = camvid_table.report([0, 1], [0])
+    assert "| 1/2 | - / 48.0 |" in text and "(delete to rerun): dual_teacher_1-8_s0" in text
+
+
+def test_every_diagnostic_key_is_logged_by_some_method():
+    """The table's diagnostics column reads metrics.jsonl keys by name: each must be written by a method."""
+    sources = "".join((ROOT / "methods" / f).read_text() for f in
+                      ("ctt.py", "dual_teacher.py", "gta_seg.py", "segkc.py", "mean_teacher.py"))
+    sources += (ROOT / "common.py").read_text()
+    for key in camvid_table.DIAGNOSTICS:  # miou_<x>: an extra model named x; CTT names its students by letter
+        name = re.sub(r"_[A-H]$", "_{names[i]}", key[len("miou_"):] if key.startswith("miou_") else key)
+        assert f'"{name}"' in sources, key
 
 
 def test_benchmark_times_the_passes_inside_the_run(tmp_path):

@@ -264,9 +264,10 @@ def test_paper_defaults_are_cps_cutmix_values():
     """l_cps of TorchSemiSeg's CPS+CutMix configs: 1 (VOC), 5 (Cityscapes); 1.5 / 6 belong to plain CPS."""
     args = segkc.parse_args(["--dataset", "voc", "--iters", "1"])
     assert (args.senior_backbone, args.junior_backbone, args.backbone) == ("resnet101", "resnet50", "resnet50")
-    assert args.lambda_cps == 1.0 and not args.ohem and (args.lr, args.crop_size) == (0.005, [512, 512])
+    assert args.lambda_cps == 1.0 and not args.ohem and (args.lr, args.crop_size) == (0.01, [512, 512])
+    assert (args.global_batch, args.global_unlabeled_batch) == (8, 8)  # the launch script's batch, lr x world size
     args = segkc.parse_args(["--dataset", "cityscapes", "--iters", "1"])
-    assert args.lambda_cps == 5.0 and args.ohem and (args.lr, args.crop_size) == (0.04, [800, 800])
+    assert args.lambda_cps == 5.0 and args.ohem and (args.lr, args.crop_size) == (0.16, [800, 800])
     assert segkc.parse_args(["--dataset", "camvid", "--iters", "1"]).lambda_cps == 1.0
 
 

@@ -138,12 +138,12 @@ def git_commit() -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Statistics
 # ----------------------------------------------------------------------------------------------------------
-def mean_std(values: list) -> str:
+def mean_std(values: list, digits: int = 1) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def paired_gain(a: dict, b: dict) -> str:
@@ -183,8 +183,8 @@ def diagnostics(runs: dict) -> str:
             continue
         if all(isinstance(v, bool) for v in values):
             parts.append(f"{key} {sum(values)}/{len(values)}")
-        elif all(isinstance(v, (int, float)) for v in values):
-            parts.append(f"{key} {mean_std([float(v) for v in values])}")
+        elif all(isinstance(v, (int, float)) for v in values):  # fractions (an EMA decay, a share) keep 3 digits
+            parts.append(f"{key} {mean_std([float(v) for v in values], 3 if max(map(abs, values)) <= 1 else 1)}")
     return "; ".join(parts) or "-"
 
 

@@ -57,6 +57,7 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     (camvid_table.run_dir("ctt_1-8", 1) / "metrics.jsonl").write_text(json.dumps(  # interrupted at 400
         {"iteration": 400, "miou": 20.0, "best_miou": 20.0, "iou": {"sky": 1.0, "road": 1.0}}) + "\n")
     _fake_run("ctt_no_contrast_1-8", 0, [20.0, 41.5])
+    _fake_run("dual_teacher_1-8", 0, [20.0, 42.0], ema_a_max=0.99, teacher_lag=96.57)
     text = camvid_table.report([0, 1, 2], [0, 1])
     assert text == (tmp_path / "results" / "camvid.md").read_text()
     row = lambda name: next(x for x in text.splitlines() if x.startswith(f"| {name} |"))  # noqa: E731
@@ -68,6 +69,8 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     assert "| ctt_1-8: -1.5 (1 seed) |" in row("ctt_no_contrast_1-8")
     assert "| ctt_1-8 | pseudo_share 50.0; contrast_on_iteration 120.0; banks_ready 1/1 |" in text
     assert "| mean_teacher_1-8 | miou_student 44.3 ± 1.5; pseudo_share 50.0 ± 0.0 |" in text
+    # a decay of 0.99 is not rounded to 1.0 (fractions keep 3 digits), a lag in steps keeps 1
+    assert "| dual_teacher_1-8 | pseudo_share 50.0; ema_a_max 0.990; teacher_lag 96.6 |" in text
     assert "| supervised_1-8 | 41.0 | 20.5 |" in text  # per-class IoU, mean over seeds
     assert "--seed 0 --out runs/camvid/ctt_1-8_s0" in text and "gta_seg_1-8_s0" not in text
     for png in ("camvid_table.png", "camvid_miou.png", "camvid_probe_all.png", "camvid_overlays.png"):

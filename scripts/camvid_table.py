@@ -8,7 +8,8 @@ the initialisation and the data streams, so rows with the same seed share their 
 mIoU of each run (nothing is selected on val), mean ± std over seeds, and the gain over supervised 1/8 and over the
 mean teacher paired by seed. The ablations (ABLATIONS) measure what our defaults change against the released
 code or our own earlier defaults, or (the rows marked as a diagnostic) test the protocol itself: the control
-without its unlabeled loss, and supervised and the control with 13 labels (1/30), where labels are scarcer.
+without its unlabeled loss, and supervised and the control with 13 labels (1/30), where labels are scarcer;
+ctt_contrast160_1-8 (ours) switches HC/LC on at iteration 160 because the paper's rule never does at this length.
 
 Runs go to runs/camvid/<row>_s<seed>; a finished run is not repeated, an interrupted one resumes (--resume auto),
 and the report is rewritten after every run. The small files of every finished run (args.json, metrics.jsonl,

@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 # prints mIoU at every evaluation. Results, overlays and checkpoints go to runs/demo_toy.
 demo: $(STAMP)
 	$(BIN)/python methods/dual_teacher.py --dataset toy --split 1/8 --iters 300 --eval-every 100 \
-		--num-workers 2 --out runs/demo_toy --resume none
+		--num-workers 2 --out runs/demo_toy --overwrite
 
 # The whole test suite (unit tests, end-to-end runs of every method in 1 and 2 processes, resume).
 test: $(STAMP)

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
 from torchvision.ops.misc import Conv2dNormActivation
 
 IGNORE_INDEX = 255
@@ -33,11 +34,10 @@ IGNORE_INDEX = 255
 # ----------------------------------------------------------------------------------------------------------
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth per sample: zero the residual branch of a whole sample with probability `rate` and
-    scale kept samples by 1/(1-rate), so the expectation is unchanged (Huang et al. 2016)."""
-    if rate == 0.0 or not training:
-        return x
-    keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) >= rate
-    return x * keep.to(x.dtype) / (1.0 - rate)
+    scale kept samples by 1/(1-rate), so the expectation is unchanged (Huang et al. 2016); torchvision's
+    'row' mode. (It draws its keep mask with bernoulli_, not the rand() >= rate of our former version: the
+    same distribution, different samples, so Dual Teacher runs differ from those made before the switch.)"""
+    return stochastic_depth(x, rate, "row", training)
 
 
 class BasicBlock(nn.Module):
@@ -507,11 +507,14 @@ def predict(model: nn.Module, image: torch.Tensor, num_classes: int, mode: str =
 def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, mode: str = "whole",
              window=None) -> dict:
     """Confusion matrix accumulated per process over its own shard of val (each image exactly once) and
-    summed across processes; masks are never gathered."""
+    summed across processes; masks are never gathered. The main process shows a progress bar (its own shard:
+    a VOC or Cityscapes evaluation takes minutes)."""
+    from tqdm import tqdm
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=accelerator.device)
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, dynamic_ncols=True,
+                      disable=not accelerator.is_main_process):
         image, mask = batch["image"].to(accelerator.device), batch["mask"].to(accelerator.device)
         with accelerator.autocast():
             pred = predict(model, image, num_classes, mode, window).argmax(1)
@@ -525,109 +528,9 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
-# The field's per-dataset conventions: UniMatch's configs (`LiheYoung/UniMatch@0324f3d configs/pascal.yaml`,
-# `cityscapes.yaml`; SGD momentum 0.9, wd 1e-4, poly 0.9 in supervised.py:113-115, 182-184). A method overrides
-# what its paper changes; camvid and toy are this project's CPU settings (not from any paper).
-DATASET_DEFAULTS = {
-    "voc": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
-                crop_size=[321, 321], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.001,
-                head_lr_mult=10.0, weight_decay=1e-4, epochs=80, eval_mode="whole"),
-    "cityscapes": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
-                       crop_size=[801, 801], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.005,
-                       head_lr_mult=1.0, weight_decay=1e-4, epochs=240, eval_mode="sliding"),
-    "camvid": dict(backbone="efficientnet_lite0", pretrained="imagenet", output_stride=16, decoder_channels=64,
-                   crop_size=[96, 128], image_scale=0.5, global_batch=8, global_unlabeled_batch=8, lr=0.01,
-                   head_lr_mult=1.0, weight_decay=1e-4, iters=1600, eval_every=400, eval_mode="whole",
-                   cache_images=True),
-    "toy": dict(backbone="resnet18", pretrained="none", output_stride=16, decoder_channels=32, crop_size=[48, 64],
-                image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.01, head_lr_mult=1.0,
-                weight_decay=1e-4, iters=300, eval_every=100, eval_mode="whole"),
-}
-
-
-def str2bool(text: str) -> bool:
-    """A true/false flag value (true/false, yes/no, 1/0, on/off); anything else is a one-line argparse error."""
-    value = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False,
-             "off": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """Flags shared by every method. Flags left at None are filled by resolve_args from the method's paper
-    values, then from DATASET_DEFAULTS."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dataset", choices=["voc", "cityscapes", "camvid", "toy"], default="voc")
-    p.add_argument("--data-root", help="dataset folder (default: data/VOC2012, data/cityscapes, "
-                                       "../shared/data/camvid; unused for toy)")
-    p.add_argument("--split", default="1/8", help="labeled subset: a fraction (1/8), a count (183) or 'full'")
-    p.add_argument("--protocol", choices=["classic", "blender"], default="classic",
-                   help="VOC only: classic draws labels from the 1,464 fine images (1/8 = 183), blender from all "
-                        "10,582 (1/8 = 1,323)")
-    p.add_argument("--split-dir", help="folder with labeled.txt / unlabeled.txt (UniMatch or U2PL format) "
-                                       "instead of a split drawn from --seed")
-    p.add_argument("--backbone", choices=BACKBONES)
-    p.add_argument("--pretrained", help="imagenet, none, or the path of a backbone state dict")
-    p.add_argument("--output-stride", type=int, choices=[16, 8])
-    p.add_argument("--decoder-channels", type=int, help="width of ASPP and decoder (256 in DeepLabv3+)")
-    p.add_argument("--crop-size", type=int, nargs="+", help="one size (square) or H W")
-    p.add_argument("--image-scale", type=float,
-                   help="resize every image and mask by this factor when read (camvid default 0.5 for CPU)")
-    p.add_argument("--batch-size", type=int,
-                   help="labeled images per process and iteration (default: the paper's global batch divided "
-                        "by the number of processes)")
-    p.add_argument("--unlabeled-batch-size", type=int, help="unlabeled images per process and iteration "
-                                                            "(default as --batch-size)")
-    p.add_argument("--lr", type=float, help="backbone learning rate (the head uses lr x --head-lr-mult)")
-    p.add_argument("--head-lr-mult", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--epochs", type=int, help="training length in epochs (the method says what an epoch is)")
-    p.add_argument("--iters", type=int, help="training length in iterations; wins over --epochs")
-    p.add_argument("--eval-every", type=int, help="iterations between evaluations (default: once per epoch)")
-    p.add_argument("--eval-mode", choices=["whole", "sliding"])
-    p.add_argument("--out", help="run folder (default runs/<method>_<dataset>_<split>_s<seed>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the streams")
-    p.add_argument("--stop-at", type=int, help="checkpoint and exit after this iteration (time-limited jobs); "
-                                                "the schedule still runs to --iters, continue with --resume auto")
-    p.add_argument("--resume", default="auto", help="auto (continue OUT's last checkpoint if any), PATH or none")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction,
-                   help="keep decoded (rescaled) images in each loader worker's memory (default: on for camvid, "
-                        "~0.2 MB per image at scale 0.5; off for the large datasets)")
-    p.add_argument("--log-every", type=int, default=20, help="iterations between progress/loss updates")
-    p.add_argument("--num-overlays", type=int, default=4, help="val images drawn as PNG overlays per eval")
-    p.add_argument("--log-with", choices=["tensorboard"], help="also log to an Accelerate tracker")
-    return p
-
-
-def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method: str, argv=None) -> argparse.Namespace:
-    """Parse, then fill every flag left at None from method_defaults[dataset] (the paper's values), then from
-    DATASET_DEFAULTS[dataset] (the field's conventions). --iters wins over --epochs."""
-    args = parser.parse_args(argv)
-    epochs_only = args.epochs is not None and args.iters is None
-    for table in (method_defaults.get(args.dataset, {}), DATASET_DEFAULTS[args.dataset]):
-        for key, value in table.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
-    if epochs_only:
-        args.iters = None  # the user asked for epochs: an iteration default must not override them
-    if args.data_root is None:
-        args.data_root = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
-                          "camvid": str(Path(__file__).resolve().parent.parent / "shared/data/camvid"),
-                          "toy": ""}[args.dataset]
-    if len(args.crop_size) not in (1, 2):
-        parser.error("--crop-size takes one size (square) or H W")
-    args.crop_size = list(args.crop_size) * (2 // len(args.crop_size))
-    if args.iters is None and args.epochs is None:
-        parser.error("give --iters or --epochs")
-    for flag in ("iters", "epochs", "batch_size", "unlabeled_batch_size", "eval_every", "log_every"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.out is None:
-        args.out = f"runs/{method}_{args.dataset}_{args.split.replace('/', '-')}_s{args.seed}"
-    args.method = method
-    return args
+# The command line (DATASET_DEFAULTS, base_parser, resolve_args) lives in cli.py, which imports no torch, so
+# that every method answers --help before it loads torch; re-exported here for the scripts.
+from cli import DATASET_DEFAULTS, base_parser, resolve_args  # noqa: E402, F401
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -657,9 +560,7 @@ def setup(args: argparse.Namespace):
     if args.batch_size is None:  # keep the paper's global batch whatever the number of processes
         args.batch_size = max(1, args.global_batch // world)
     out = Path(args.out)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    claim_run_folder(args, out, accelerator.is_main_process)  # every process checks; only the main one writes
     accelerator.wait_for_everyone()
     if args.log_with:
         accelerator.init_trackers(args.method, config={k: str(v) for k, v in vars(args).items()})
@@ -670,6 +571,91 @@ def setup(args: argparse.Namespace):
              f"(the paper's: {args.global_batch} + {args.global_unlabeled_batch}; lr is not rescaled)")
     log.info("arguments: " + json.dumps(vars(args), default=str))
     return accelerator, log
+
+
+# Flags that change how a run is driven, never what it computes: they may differ when a run is continued.
+RUN_CONTROL_FLAGS = {"out", "resume", "stop_at", "overwrite", "num_workers", "log_every", "num_overlays", "log_with",
+                     "cache_images", "check_data"}
+PROVENANCE_KEYS = {"git_commit", "versions"}
+RUN_FILES = ["checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl", "train.jsonl", "overlays", "log.txt",
+             "args.json"]
+
+
+def provenance() -> dict:
+    """The code and packages a run used, recorded in args.json (never compared on resume)."""
+    import platform
+    import subprocess
+    from importlib import metadata
+    try:
+        root = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty and commit != "unknown" else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "accelerate", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {"git_commit": commit, "versions": versions}
+
+
+def run_in_folder(out: Path) -> bool:
+    """Does OUT hold results of a run (a checkpoint, weights or metrics)? args.json and log.txt alone, left by
+    a run that stopped before its first evaluation, hold nothing to lose."""
+    return any((out / name).exists() for name in ("checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl"))
+
+
+def claim_run_folder(args: argparse.Namespace, out: Path, is_main: bool) -> None:
+    """A run folder belongs to one set of arguments. A used folder is continued only with the same arguments
+    (RUN_CONTROL_FLAGS aside), started over only with --overwrite, and never silently replaced; a folder this
+    command creates is removed again if the run stops before writing anything but its arguments and log."""
+    if out.exists() and not out.is_dir():
+        sys.exit(f"--out {out}: is a file, expected a run folder")
+    current = json.loads(json.dumps(vars(args), default=str))
+    if run_in_folder(out) and not getattr(args, "overwrite", False):
+        if args.resume == "none":
+            sys.exit(f"--out {out} holds a run already; continue it with --resume auto, start over there with "
+                     f"--overwrite (deletes it), or choose another --out")
+        try:
+            saved = json.loads((out / "args.json").read_text())
+        except (OSError, ValueError):
+            sys.exit(f"--out {out} holds a run without a readable args.json; choose another --out, or --overwrite")
+        differ = sorted(k for k in current.keys() & saved.keys() - RUN_CONTROL_FLAGS - PROVENANCE_KEYS
+                        if current[k] != saved[k])
+        if differ:
+            change = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}" for k in differ)
+            sys.exit(f"--out {out} holds a run with other arguments ({change}); choose another --out, or "
+                     f"--overwrite to start over there")
+    if not is_main:
+        return
+    created = not out.exists()
+    try:
+        if getattr(args, "overwrite", False):
+            for name in RUN_FILES:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({**current, **provenance()}, indent=2))
+    except OSError as error:
+        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
+    if created:
+        import atexit
+        atexit.register(_remove_if_unused, out)
+
+
+def _remove_if_unused(out: Path) -> None:
+    """atexit: a folder created by a run that stopped before its first evaluation (bad input, a crash at
+    start-up) is removed, so that it neither litters nor claims the folder for those arguments."""
+    if out.is_dir() and not run_in_folder(out) and all(p.name in ("args.json", "log.txt") for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def prepare_network(model: nn.Module, accelerator) -> nn.Module:
@@ -716,18 +702,43 @@ def checkpoint_dir(out) -> Path:
     return Path(out) / "checkpoints" / "last"
 
 
-def save_checkpoint(accelerator, out) -> None:
-    """Full resumable state (prepared networks, optimizers, registered objects, RNG of every process) via
-    accelerate's save_state into a temporary folder, then swapped in, so a crash never leaves a half-written
-    `last`."""
+COMPLETE = "COMPLETE"  # written into last.tmp once every process has saved: the folder is whole
+
+
+def recover_checkpoint(out) -> None:
+    """Bring OUT/checkpoints back to one whole `last` from any state a crash in save_checkpoint can leave:
+    a whole last.tmp (marked COMPLETE) is the newest state and replaces the others; a half-written one is
+    dropped; last.old replaces a missing `last` and is dropped beside a present one. Main process only."""
     final = checkpoint_dir(out)
     tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
-    if accelerator.is_main_process and tmp.exists():
+    if (tmp / COMPLETE).is_file():
+        for folder in (final, old):
+            if folder.exists():
+                shutil.rmtree(folder)
+        tmp.rename(final)
+        return
+    if tmp.exists():
         shutil.rmtree(tmp)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(final)
+
+
+def save_checkpoint(accelerator, out) -> None:
+    """Full resumable state (prepared networks, optimizers, registered objects, RNG of every process) via
+    accelerate's save_state into last.tmp, marked COMPLETE, then swapped in for `last`; recover_checkpoint
+    resolves every state a crash can leave, so a crash never loses the previous state nor wedges the run."""
+    final = checkpoint_dir(out)
+    tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
+    if accelerator.is_main_process:
+        recover_checkpoint(out)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (tmp / COMPLETE).write_text("")
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -736,21 +747,95 @@ def save_checkpoint(accelerator, out) -> None:
     accelerator.wait_for_everyone()
 
 
+def check_finite_state(accelerator, step: int, out) -> None:
+    """Stop before a non-finite state replaces the last good checkpoint: every parameter and buffer of the
+    prepared networks and registered modules (EMA teachers), and the optimizers' states. Losses can stay
+    finite while BN running statistics overflow (e.g. --lr 1e6); a resume from such a state fails for ever."""
+    tensors = []
+    for i, model in enumerate(accelerator._models):
+        tensors += [(f"network {i} {name}", t) for name, t in model.state_dict().items()]
+    for i, obj in enumerate(accelerator._custom_objects):
+        if isinstance(obj, nn.Module):
+            tensors += [(f"registered {type(obj).__name__} {i} {name}", t) for name, t in obj.state_dict().items()]
+    for i, optimizer in enumerate(accelerator._optimizers):
+        for key, slot in optimizer.state_dict()["state"].items():
+            tensors += [(f"optimizer {i} state {key} {name}", t) for name, t in slot.items() if torch.is_tensor(t)]
+    bad = [name for name, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+    count = torch.tensor(float(len(bad)), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    if count.item() > 0:
+        raise FloatingPointError(
+            f"non-finite weights at iteration {step} ({len(bad)} tensors on this process, e.g. {', '.join(bad[:3])}). "
+            f"Training stopped; {_kept_checkpoint(out)} (start over with a lower --lr, or fp32).")
+
+
+def _kept_checkpoint(out) -> str:
+    folder = checkpoint_dir(out)
+    return f"the last good checkpoint is kept in {folder}" if folder.is_dir() else "no checkpoint was written yet"
+
+
+def _expected_checkpoint_files(accelerator) -> list[str]:
+    """What accelerate's save_state wrote for this run's registered state (load_state reads exactly these)."""
+    names = [f"model{f'_{i}' if i else ''}.safetensors" for i in range(len(accelerator._models))]
+    names += [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(accelerator._optimizers))]
+    names += [f"custom_checkpoint_{i}.pkl" for i in range(len(accelerator._custom_objects))]
+    return names + [f"random_states_{accelerator.process_index}.pkl"]
+
+
+def check_checkpoint_files(accelerator, path: Path) -> None:
+    """Before load_state: every file it will read is present and loads as plain tensors and values. Accelerate
+    unpickles registered objects with weights_only=False (a pickle can run code) and skips a missing or
+    unreadable RNG state with an info-level message (an inexact resume): both are refused here, in one line."""
+    from accelerate.utils import load
+    for name in _expected_checkpoint_files(accelerator):
+        file = path / name
+        if not file.is_file():
+            if name.startswith("model") and (path / name.replace(".safetensors", ".bin")).is_file():
+                file = path / name.replace(".safetensors", ".bin")
+            else:
+                sys.exit(f"--resume {path}: {name} is missing; the checkpoint is incomplete and a resume would "
+                         f"not be exact (start over with --overwrite)")
+        if file.suffix == ".safetensors":
+            continue  # safetensors holds tensors only
+        try:
+            load(file, map_location="cpu", weights_only=True)
+        except Exception as error:
+            kind = "holds objects other than tensors and plain values (refused: unpickling could run code)" \
+                if "weights_only" in str(error).lower() or "weights only" in str(error).lower() else \
+                f"is unreadable ({type(error).__name__})"
+            sys.exit(f"--resume {path}: {file.name} {kind}")
+
+
 def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
-    """--resume auto: continue OUT/checkpoints/last if present (or last.old, left by a crash mid-swap);
-    PATH: that checkpoint folder; none: start fresh. Returns the iteration to start from."""
+    """--resume auto: continue OUT/checkpoints/last if present (after recover_checkpoint has resolved what a
+    crash mid-save left); PATH: that checkpoint folder; none: start fresh. Every file is checked first
+    (check_checkpoint_files). After the load, the records of metrics.jsonl and train.jsonl past the resumed
+    iteration (written after the checkpoint, before an interruption) are dropped: they are about to be
+    written again. Returns the iteration to start from."""
     if args.resume == "none":
         return 0
     if args.resume == "auto":
-        candidates = [checkpoint_dir(args.out), checkpoint_dir(args.out).with_name("last.old")]
-        path = next((c for c in candidates if c.is_dir()), None)
-        if path is None:
+        if accelerator.is_main_process:
+            recover_checkpoint(args.out)
+        accelerator.wait_for_everyone()
+        path = checkpoint_dir(args.out)
+        if not path.is_dir():
             return 0
     else:
         path = Path(args.resume)
         if not path.is_dir():
             sys.exit(f"--resume {args.resume}: no checkpoint folder there (expected OUT/checkpoints/last)")
+    check_checkpoint_files(accelerator, path)
     accelerator.load_state(str(path))
+    if accelerator.is_main_process:
+        for name in ("metrics.jsonl", "train.jsonl"):
+            file = Path(args.out) / name
+            if file.is_file():
+                lines = file.read_text().splitlines()
+                kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", 0) <= state.step]
+                if len(kept) != len(lines):
+                    file.write_text("".join(line + "\n" for line in kept))
     log.info(f"resumed from {path} at iteration {state.step}")
     return state.step
 
@@ -795,7 +880,7 @@ class LossMeter:
         if bad.item() > 0:
             raise FloatingPointError(
                 f"non-finite loss at iteration {step}: {dict(zip(names, values.tolist()))}. Training stopped; "
-                f"the last good checkpoint is kept in {checkpoint_dir(out)} (try a lower --lr, or fp32).")
+                f"{_kept_checkpoint(out)} (try a lower --lr, or fp32).")
         result = dict(zip(names, values.tolist()))
         if accelerator.is_main_process:
             with open(Path(out) / "train.jsonl", "a") as f:
@@ -860,6 +945,7 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
     rule[, train_batch for a network that labels in train mode]) scores pseudo-labels on unlabeled training
     images exactly as that network makes them (pseudo_label_probe); metrics.jsonl,
     per-class IoU in the log, overlays, best/last weights, then the full resumable checkpoint. Returns mIoU."""
+    check_finite_state(accelerator, step, args.out)  # before any weights or checkpoint are written
     window = args.crop_size
     result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window)
     record = {"iteration": step, "miou": round(result["miou"], 3),
@@ -900,26 +986,54 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
 
 @torch.no_grad()
 def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo_label_fn=None) -> None:
-    """A PNG grid, one row per val image: image | ground truth | prediction (| pseudo-label)."""
-    from torchvision.utils import draw_segmentation_masks, make_grid, save_image
+    """A PNG grid, one row per val image: image | ground truth | prediction (| pseudo-label), with column titles
+    and a legend of the class colours. Label maps are drawn in flat class colours (white: ignored or, for a
+    pseudo-label, dropped pixels) with nearest-neighbour scaling, so class boundaries stay exact and the file
+    stays small (flat colours compress well in PNG; a CamVid grid of 4 images is about 0.4 MB). Tiles are
+    200-320 pixels wide: small toy images are enlarged, large Cityscapes images reduced."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend in a training run
+    from matplotlib.patches import Patch
+    n = min(count, len(data.val_set))
+    if n == 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    colors = [tuple(c) for c in data.palette]
-    tiles = []
-    n = min(count, len(data.val_set))
+    colours = torch.tensor([*data.palette, (255, 255, 255)], dtype=torch.uint8)  # index num_classes = ignored
+    rows = []
     for i in [k * len(data.val_set) // n for k in range(n)]:  # spread over val (video frames repeat)
         sample = data.val_set[i]
         image = sample["image"].unsqueeze(0).to(device)
         labels = [sample["mask"], model(image).argmax(1)[0].cpu()]
         if pseudo_label_fn is not None:
             labels.append(pseudo_label_fn(image)[0].cpu())
-        rgb = data.denormalize(sample["image"])
-        row = [rgb]
-        for label in labels:
-            masks = torch.stack([label == c for c in range(data.num_classes)])
-            row.append(draw_segmentation_masks(rgb, masks, alpha=0.6, colors=colors))
-        tiles += row
+        labels = [label.where(label < data.num_classes, data.num_classes) for label in labels]
+        rows.append([data.denormalize(sample["image"]).permute(1, 2, 0), *labels])
     model.train(was_training)
-    save_image(make_grid([t.float() / 255 for t in tiles], nrow=len(tiles) // max(1, min(count, len(data.val_set))),
-                         padding=2), path)
+    titles = ["image", "ground truth", "prediction", "pseudo-label"][:len(rows[0])]
+    height, width = rows[0][0].shape[:2]
+    tile_w = min(max(width, 200), 320)
+    tile_h, gap, top = round(tile_w * height / width), 4, 22  # pixels (the figure is drawn at 100 dpi)
+    any_ignored = any(bool((label == data.num_classes).any()) for row in rows for label in row[1:])
+    names = [*data.class_names, "ignored"] if any_ignored else data.class_names
+    entries = [Patch(facecolor=colours[c].numpy() / 255, edgecolor="black", linewidth=0.5, label=name)
+               for c, name in enumerate(names)]
+    fig_w = len(titles) * tile_w + (len(titles) - 1) * gap
+    columns = max(1, fig_w // 110)  # legend entries per line: about 110 pixels each
+    legend_h = 18 * ((len(entries) + columns - 1) // columns) + 8  # 18 pixels per line of entries
+    fig_h = top + n * tile_h + (n - 1) * gap + legend_h
+    fig = Figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            x, y = c * (tile_w + gap), top + r * (tile_h + gap)  # pixels from the top left corner
+            ax = fig.add_axes((x / fig_w, 1 - (y + tile_h) / fig_h, tile_w / fig_w, tile_h / fig_h))
+            if c == 0:
+                ax.imshow(tile.numpy())
+            else:
+                ax.imshow(colours[tile].numpy(), interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9, pad=4)
+    fig.legend(handles=entries, loc="lower center", ncol=columns, fontsize=8, frameon=False, handlelength=1.2,
+               columnspacing=1.0, borderaxespad=0.2)
+    fig.savefig(path, dpi=100)

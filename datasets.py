@@ -26,6 +26,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from cli import parse_split
+
 IGNORE_INDEX = 255
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -61,8 +63,9 @@ def voc_palette() -> list[tuple]:
 
 
 LAYOUTS = {
-    "voc": "JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png or SegmentationClass/<id>.png, "
-           "ImageSets/Segmentation/train.txt and val.txt",
+    "voc": "JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png or SegmentationClass/<id>.png (VOC's, or UniMatch's "
+           "with the SBD masks), ImageSets/Segmentation/train.txt and val.txt [and train_aug.txt] (lines: ids, or "
+           "UniMatch's path pairs)",
     "cityscapes": "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
                   "gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png (make them with scripts/prepare_cityscapes.py)",
     "camvid": "train/*.png, trainannot/*.png, val/*.png, valannot/*.png (SegNet's 11-class CamVid)",
@@ -81,8 +84,12 @@ def _require(path: Path, dataset: str, flag="--data-root") -> Path:
 
 
 def _read_list(path: Path) -> list[str]:
-    """Lines of a split file; tolerates a missing final newline (UniMatch) and blank lines."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """The first token of each line of a list file: VOC's and U2PL's lines are bare ids (`2007_000032`,
+    Haochen-Wang409/U2PL@05a8b1b u2pl/dataset/base.py:23-30 adds the folders), UniMatch's are path pairs
+    (`JPEGImages/2007_000032.jpg SegmentationClass/2007_000032.png`, LiheYoung/UniMatch@77cf3bf
+    splits/pascal/val.txt; LiheYoung/UniMatch@7292bac dataset/semi.py:35-36 splits the line at the space).
+    Tolerates a missing final newline (UniMatch) and blank lines."""
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
 def list_voc(root: Path, protocol: str):
@@ -95,16 +102,21 @@ def list_voc(root: Path, protocol: str):
     def mask_of(i):
         return aug / f"{i}.png" if (aug / f"{i}.png").exists() else fine / f"{i}.png"
 
-    train_fine = _read_list(_require(sets / "train.txt", "voc"))
-    val = _read_list(_require(sets / "val.txt", "voc"))
+    def ids(name):  # a list file's ids, whether its lines are ids or UniMatch's path pairs
+        return [Path(token).stem for token in _read_list(_require(sets / name, "voc"))]
+
+    train_fine, val = ids("train.txt"), ids("val.txt")
     if (sets / "train_aug.txt").exists():
-        pool = _read_list(sets / "train_aug.txt")
-    elif aug.is_dir():
-        val_set = set(val)
-        pool = sorted(p.stem for p in aug.glob("*.png") if p.stem not in val_set)
+        pool = ids("train_aug.txt")
     else:
-        pool = list(train_fine)
-        print("warning: no SegmentationClassAug: the training pool is the 1,464 fine images only")
+        # Every mask that is not a val mask. With SegmentationClassAug that is SBD's 10,582 train_aug masks;
+        # without it, SegmentationClass is either VOC's own (1,464 train + 1,449 val masks: the fine train set)
+        # or UniMatch's, which holds the SBD-merged masks (LiheYoung/UniMatch@0324f3d README.md, "Dataset").
+        val_set = set(val)
+        pool = sorted(p.stem for p in (aug if aug.is_dir() else fine).glob("*.png") if p.stem not in val_set)
+        if not aug.is_dir() and set(pool) <= set(train_fine):
+            print("warning: no SegmentationClassAug and no SBD masks in SegmentationClass: the training pool is "
+                  "the fine train images only")
     entry = lambda i: (root / "JPEGImages" / f"{i}.jpg", mask_of(i), i)  # noqa: E731
     labeled_pool = train_fine if protocol == "classic" else pool
     return [entry(i) for i in pool], [entry(i) for i in labeled_pool], [entry(i) for i in val]
@@ -138,19 +150,15 @@ def list_toy():
 
 
 def split_count(split: str, pool_size: int) -> int:
-    """'full', a count ('183') or a fraction ('1/8' -> ceil(pool/8))."""
+    """'full', a count ('183') or a fraction ('1/8' -> ceil(pool/8)); the syntax is cli.parse_split's, which
+    the command line already checked."""
     try:
-        if split == "full":
-            return pool_size
-        if "/" in split:
-            fraction = Fraction(split)
-            if not 0 < fraction <= 1:
-                raise ValueError
-            count = math.ceil(fraction * pool_size)
-        else:
-            count = int(split)
-    except (ValueError, ZeroDivisionError):
-        sys.exit(f"--split {split!r}: expected 'full', a fraction such as 1/8, or a label count such as 183")
+        value = parse_split(split)
+    except ValueError as error:
+        sys.exit(f"--split {split!r}: {error}")
+    if value == "full":
+        return pool_size
+    count = math.ceil(value * pool_size) if isinstance(value, Fraction) else value
     if not 0 < count <= pool_size:
         sys.exit(f"--split {split}: {count} labeled images asked for, but the labeled pool has {pool_size}")
     return count
@@ -195,6 +203,10 @@ def resolve_split(args):
         pool, labeled_pool, val = list_camvid(root)
     else:
         pool, labeled_pool, val = list_toy()
+    for name, entries in (("training", labeled_pool), ("validation", val)):
+        if not entries:
+            sys.exit(f"--data-root {root}: no {name} images found; --dataset {args.dataset} expects "
+                     f"{LAYOUTS[args.dataset]}")
     if args.split_dir:
         by_key = {_key(args.dataset, e[2]): e for e in pool}
         lists = []
@@ -313,6 +325,73 @@ def load_pair(entry, dataset: str, num_classes: int, scale: float, with_mask: bo
         image = image.resize(size, Image.BILINEAR)
         mask = mask.resize(size, Image.NEAREST) if mask is not None else None
     return image, (mask if with_mask else None)
+
+
+def _scan_cache_file() -> Path:
+    import os
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "semiseg-ref" / "checked_masks.json"
+
+
+def check_files(with_mask: list, image_only: list, dataset: str, num_classes: int) -> None:
+    """Start-up check of every file a run will read, so that a bad file stops the run before any training is
+    lost: each image's header (it opens, its size), each mask's values (read_mask's rule: 0..K-1 and 255) and
+    its size against its image's. Masks are decoded once per file: a mask that passed is remembered (by path,
+    size in bytes and modification time, per dataset) in ~/.cache/semiseg-ref/checked_masks.json. Any bad file
+    stops the run with one line naming it. `--no-check-data` skips the check (files are then checked only
+    when drawn)."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    cache_file = _scan_cache_file()
+    try:
+        checked = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        checked = {}
+
+    def image_size(path: Path):
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except FileNotFoundError:
+            raise ValueError(f"image file missing: {path}") from None
+        except Exception as error:
+            raise ValueError(f"unreadable image {path}: {error}") from None
+
+    def check(entry_and_mask):
+        (image_path, mask_path, _), mask_too = entry_and_mask
+        size = image_size(image_path)
+        if not mask_too:
+            return None
+        stat = mask_path.stat() if mask_path.is_file() else None
+        key = f"{dataset}|{mask_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}" if stat else None
+        mask_size = tuple(checked[key]) if key in checked else read_mask(mask_path, dataset, num_classes).size
+        if tuple(mask_size) != tuple(size):
+            raise ValueError(f"size mismatch: image {image_path} is {size[0]}x{size[1]} but mask {mask_path} is "
+                             f"{mask_size[0]}x{mask_size[1]} (W x H)")
+        return key, list(mask_size)
+
+    jobs = [(e, True) for e in with_mask] + [(e, False) for e in image_only]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # decoding releases the GIL
+        futures = [pool.submit(check, job) for job in jobs]
+    errors, passed = [], {}
+    for future in futures:
+        try:
+            result = future.result()
+        except (ValueError, FileNotFoundError) as error:
+            errors.append(str(error))
+            continue
+        if result is not None and result[0] is not None:
+            passed[result[0]] = result[1]
+    if passed.keys() - checked.keys():
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({**checked, **passed}))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # the cache only saves time
+    if errors:
+        more = f" (and {len(errors) - 1} more bad files)" if len(errors) > 1 else ""
+        sys.exit(f"--data-root: {errors[0]}{more}; fix the file or --no-check-data to train without checking")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -513,13 +592,19 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
     labeled, unlabeled, val = resolve_split(args)
     if need_unlabeled and not unlabeled:
         sys.exit(f"--split {args.split}: no unlabeled images left for a semi-supervised method")
+    probe_entries = unlabeled[:: max(1, len(unlabeled) // 32)][:32] if args.dataset in ("camvid", "toy") else []
+    if args.dataset != "toy" and getattr(args, "check_data", True) and accelerator.is_main_process:
+        unlabeled_read = unlabeled if need_unlabeled else []
+        check_files(labeled + val + probe_entries, [e for e in unlabeled_read if e not in probe_entries],
+                    args.dataset, num_classes)
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()  # the others wait for the main process's check
     common = dict(dataset=args.dataset, num_classes=num_classes, crop=args.crop_size, mean=mean, std=std,
                   image_scale=args.image_scale, cache=bool(getattr(args, "cache_images", False)),
                   scale_rule=getattr(args, "scale_rule", "uniform"))
     labeled_set = SegmentationSet(labeled, "labeled", **common)
     unlabeled_set = SegmentationSet(unlabeled, "unlabeled", strong=strong, **common)
     val_set = SegmentationSet(val, "val", **common)
-    probe_entries = unlabeled[:: max(1, len(unlabeled) // 32)][:32] if args.dataset in ("camvid", "toy") else []
     probe_set = SegmentationSet(probe_entries, "val", **common)
     rank, world = accelerator.process_index, accelerator.num_processes
     pin = accelerator.device.type == "cuda"

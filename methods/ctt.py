@@ -3,7 +3,7 @@
 N student-teacher pairs (--pairs, default 2; paper Table 6). Each teacher is the EMA of its own student; each student
 learns on unlabeled images from the pseudo-labels of the OTHER pairs' teachers (§3.2). Per pair a class-wise FIFO
 memory bank of teacher features of correctly predicted labeled pixels feeds two contrastive losses (§3.3). Official
-code: path:line of 1181110317/SSL_CTT@33d7e3c (HEAD; same lines at the first upload 2e26335). Per student i:
+code cited as file:line at 1181110317/SSL_CTT@33d7e3c (HEAD; same lines in the first upload 2e26335). Per student i:
   L_sup = CE(up(f_i(x_l)), y_l)                                                                        (Eq. 1-2)
   L_ct  = w * mean_px CE(up(f_i(S(x_u))), argmax p_T),  p_T = S(softmax of the other teachers on weak x_u),
           w = share of pixels with max p_T >= 0.968, no gradient (cross_teacher_contr.py:180)            (Eq. 3-5)
@@ -16,43 +16,47 @@ code: path:line of 1181110317/SSL_CTT@33d7e3c (HEAD; same lines at the first upl
   L_i   = L_sup + L_ct + [banks full] * (0.1 L_hc + 0.1 L_lc)   (Eq. 10; weights: 2e26335 cross_teacher_contr.py:991)
 After the optimiser steps: teachers <- EMA (decay min(1-1/(t+1), 0.99), parameters only; cross_teacher_contr.py:334),
 then each bank takes per class the n_add most confident labeled pixels its updated teacher predicts correctly (§3.3),
-n_add = max(floor(2Q/N_l), B) (:491-494). HC/LC switch on for good once every queue of every bank holds Q = 128
-(§3.4, Table 7; the code checks both banks alike, :1041, with Q = 256). Students are evaluated; pair A is reported.
+n_add = max(floor(2Q/N_l), B) (cross_teacher_contr.py:491-494). HC/LC switch on for good once every queue of every
+bank holds Q = 128 (§3.4, Table 7; the code checks both banks alike, with Q = 256: cross_teacher_contr.py:1041).
+Students are evaluated; pair A is reported.
 
-Decisions and deviations (reason in brackets):
-- Model: the project's DeepLabv3+ (paper: v2 and v3+). Features = decoder output at stride 4, the output resolution
-  before upsampling; labels, pseudo-labels, confidences (classifier of that feature) and the padding mask are
-  nearest-downsampled to it (§4.1). Bank entries are L2-normalised (cosines; model/deeplabv2.py:206).
-- Bank entry has no confidence gate (§3.3); the code's max RAW LOGIT >= 0.95 (cross_teacher_contr.py:484) is not in
-  the paper. --bank-threshold t gates by softmax >= t (0.95: our earlier rule, an ablation). Top-k ranks by softmax,
-  the paper's confidence; the code ranks by max logit (:498), another order (softmax also depends on the other
-  logits). §3.3's later "otherwise randomly selected" contradicts its criterion (3): we keep top-k, as the code.
-- Labeled HC queries are gated by gamma too (Eq. 7): only then are Table 8's ends (gamma 0 / 1) Table 4's HC-only /
-  LC-only rows. --hc-labeled all: every labeled pixel, as in both scripts (cross_teacher_contr.py:961,
+Decisions and deviations from the paper or the code, each with its reason:
+- Network: the project's DeepLabv3+ (paper: v2 and v3+), shared by every method here. Features = decoder output at
+  stride 4, the grid before upsampling; labels, pseudo-labels, confidences (classifier on that feature) and the
+  padding mask are nearest-downsampled to it (§4.1), which keeps the ignore label. Bank entries are L2-normalised
+  (cosine similarities, as the code: model/deeplabv2.py:206).
+- Bank entry: correct pixels, top-k by softmax, no confidence gate, as §3.3. The code's extra max RAW LOGIT >= 0.95
+  (cross_teacher_contr.py:484) is not in the paper; its ranking by max logit (cross_teacher_contr.py:498) is another
+  order (the softmax also depends on the other logits). --bank-threshold t adds softmax >= t (0.95: our earlier
+  rule, an ablation). §3.3's later "otherwise randomly selected" contradicts its criterion (3): top-k, as the code.
+- Labeled HC queries are gamma-gated too (Eq. 7): only then are Table 8's ends (gamma 0 / 1) Table 4's HC-only /
+  LC-only rows. --hc-labeled all: every labeled pixel, as both scripts (cross_teacher_contr.py:961,
   cross_teacher_deeplabv3+.py:951).
 - LC (Eq. 9): m = 0 and the peer strictly more confident. The DeepLabv2 script has no peer rule
-  (cross_teacher_contr.py:971,983; Table 9's "w/o directional mask"); the v3+ script's extra peer >= gamma (:972 of
-  cross_teacher_deeplabv3+.py) sits in a branch that never ran (contr_train=False, :868, in every commit): left out.
-  LC classes are counted after the gating (the v3+ code can divide 0/0, :655-680).
-- ClassMix: floor(n/2) of the n classes, with one class the partner pasted whole (cross_teacher_contr.py:121,
-  utils/transformsgpu.py:58). ONE strong-view draw for all students keeps their features pixel-aligned for LC (the
-  code draws per student, :934-935); its classes come from the mean softmax of all teachers (so a student's mix
-  region, never its target, depends on its own teacher too). --mix cutmix: half the image, a box from the partner
-  (the code's "cut"). Photometric and weak views, evaluation: the project's shared ones (code: jitter 0.25 + blur
-  after mixing; scale + crop; §4.1: rotations, flips, translations). Padding is left out of L_ct, w, HC and LC.
+  (cross_teacher_contr.py:971,983; Table 9's "w/o directional mask"). The v3+ script's extra peer >= gamma
+  (cross_teacher_deeplabv3+.py:972) is left out: that branch never ran (contr_train=False, same file :868, in every
+  commit). LC classes are counted after the gating (the v3+ code can divide 0/0, same file :655-680).
+- Mixing: ClassMix keeps floor(n/2) of the n classes, with one class the partner whole (cross_teacher_contr.py:121,
+  utils/transformsgpu.py:58); --mix cutmix is the code's "cut", a half-image box. ONE draw for all students (the
+  code draws per student, cross_teacher_contr.py:934-935) keeps their features pixel-aligned, which LC needs; its
+  classes come from the mean softmax of all teachers (one draw, one class map), so a student's mix region, never
+  its target, depends on its own teacher too.
+- Views and evaluation are the project's, the same for every method (code: jitter 0.25 + blur after mixing; scale +
+  crop; §4.1: rotations, flips, translations). Padding is not image: it is left out of L_ct, w, HC and LC.
 - N > 2 pairs (left open by the paper): pseudo-label = mean softmax of all other teachers, LC peer = the most
   confident other student, LC negatives from all N banks (N = 2: the paper's rule). Table 6 is CT only (its 2-pair
   63.69 is Table 5's "CTT w/o HC and LC"): --pairs 1 / 3 match it only with --lambda-hc 0 --lambda-lc 0, which
   skips the banks (no labeled teacher pass, no contrastive cost) and is the HEAD's loss (cross_teacher_contr.py:991).
 - Multi-process: every process keeps the same global top-n_add of the gathered local ones, so banks are identical
-  everywhere (tests/test_ctt.py checks it with 2 processes); B = the global labeled batch.
-- One forward per student on [labeled; unlabeled] (BN statistics over both; the code runs two). Teachers keep BN in
-  train mode (the code; --teacher-bn eval: buffers copied). Pair i is built under seed*100+i; with --pretrained only
-  the decoders differ (v3+ script; v2: A from COCO, B from ImageNet). --contrast-after K (ours, off by default):
-  HC/LC on after K iterations even with queues not full (filled entries only).
+  everywhere (tests/test_ctt.py checks it, with 2 processes too); B = the global labeled batch.
+- One forward per student on [labeled; unlabeled], BN statistics over both (the code runs two): the project's shared
+  pipeline. Teachers keep BN in train mode, as the code (--teacher-bn eval: buffers copied). Pair i is built under
+  seed*100+i so the pairs differ; with --pretrained only the decoders differ (v3+ script; v2: A COCO, B ImageNet).
+- --contrast-after K (ours, off by default): HC/LC on after K iterations even with queues not full (filled entries
+  only), for data where some queue never fills.
 - Schedule: 80k iterations, lr 2.5e-4 (head x10), wd 5e-4, VOC crop 321 batch 10+10, Cityscapes 512x1024 -> 256x512
-  batch 2+2 (§4.1, configs/config*.json). Ours: evaluation every 4000, an epoch = one pass over the unlabeled set,
-  the CamVid/toy settings (common.py).
+  batch 2+2 (§4.1, configs/config*.json). Not in the paper, so the project's (common.py): evaluation every 4000, an
+  epoch = one pass over the unlabeled set, the CamVid/toy settings.
 
   accelerate launch methods/ctt.py --dataset voc --data-root data/VOC2012 --split 1/8
 """
@@ -60,6 +64,54 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cli  # noqa: E402
+
+# Paper values (§4.1) and the official configs; everything not listed comes from cli.DATASET_DEFAULTS.
+PAPER_DEFAULTS = {
+    "voc": dict(lr=2.5e-4, head_lr_mult=10.0, weight_decay=5e-4, global_batch=10, global_unlabeled_batch=10,
+                crop_size=[321, 321], iters=80_000, eval_every=4000),
+    "cityscapes": dict(lr=2.5e-4, head_lr_mult=10.0, weight_decay=5e-4, global_batch=2, global_unlabeled_batch=2,
+                       crop_size=[256, 512], image_scale=0.5, iters=80_000, eval_every=4000, eval_mode="whole"),
+}
+
+
+def parse_args(argv=None):
+    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=2, help="student-teacher pairs (paper Table 6: 1, 2, 3)")
+    parser.add_argument("--mix", choices=["classmix", "cutmix", "none"], default="classmix",
+                        help="how each student's strong view of the unlabeled batch is mixed")
+    parser.add_argument("--ema-decay", type=float, default=0.99, help="cap of each teacher's EMA decay ramp")
+    parser.add_argument("--teacher-bn", choices=["train", "eval"], default="train",
+                        help="teachers' BatchNorm: train = batch statistics; eval = running statistics copied "
+                             "from the student")
+    parser.add_argument("--ct-threshold", type=float, default=0.968, help="confidence counted in the CT weight w")
+    parser.add_argument("--queue-size", type=int, default=128, help="Q per class (paper Table 7)")
+    parser.add_argument("--bank-threshold", type=float, default=0.0, help="bank entry also needs softmax >= this "
+                        "(0: the paper's rule, correct + top-k; 0.95: our earlier confidence-gated entry)")
+    parser.add_argument("--gamma", type=float, default=0.75, help="HC/LC split of pixels (paper Eq. 7, Table 8)")
+    parser.add_argument("--hc-labeled", choices=["confident", "all"], default="confident",
+                        help="labeled HC queries: own confidence >= gamma (paper Eq. 7) or all (official code)")
+    parser.add_argument("--tau-hc", type=float, default=0.1, help="temperature of the high-confidence loss")
+    parser.add_argument("--tau-lc", type=float, default=0.5, help="temperature of the low-confidence loss")
+    parser.add_argument("--lambda-ct", type=float, default=1.0, help="weight of the cross-teacher loss")
+    parser.add_argument("--lambda-hc", type=float, default=0.1,
+                        help="0 and --lambda-lc 0: paper Table 5 'CTT w/o HC and LC' (no banks)")
+    parser.add_argument("--lambda-lc", type=float, default=0.1, help="weight of the low-confidence loss")
+    parser.add_argument("--contrast-after", type=int, help="fallback (ours, off by default): switch HC/LC on after "
+                        "this many iterations even if some queue is not full, using the filled entries only")
+    args = cli.resolve_args(parser, PAPER_DEFAULTS, "ctt", argv)
+    checks = [("pairs", 1 <= args.pairs <= 8, "between 1 and 8"), ("tau_hc", args.tau_hc > 0, "positive"),
+              ("tau_lc", args.tau_lc > 0, "positive"), ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
+              ("bank_threshold", 0 <= args.bank_threshold <= 1, "in [0, 1]")]
+    for flag, ok, expected in checks:
+        if not ok:
+            parser.error(f"--{flag.replace('_', '-')} must be {expected}, got {getattr(args, flag)}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below spend seconds loading torch
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -69,13 +121,6 @@ import common  # noqa: E402
 from datasets import build_data, classmix_mask, cutmix_box_mask, mix, to_device  # noqa: E402
 
 IGNORE = common.IGNORE_INDEX
-# Paper values (§4.1) and the official configs; everything not listed comes from common.DATASET_DEFAULTS.
-PAPER_DEFAULTS = {
-    "voc": dict(lr=2.5e-4, head_lr_mult=10.0, weight_decay=5e-4, global_batch=10, global_unlabeled_batch=10,
-                crop_size=[321, 321], iters=80_000, eval_every=4000),
-    "cityscapes": dict(lr=2.5e-4, head_lr_mult=10.0, weight_decay=5e-4, global_batch=2, global_unlabeled_batch=2,
-                       crop_size=[256, 512], image_scale=0.5, iters=80_000, eval_every=4000, eval_mode="whole"),
-}
 
 
 class MemoryBanks(nn.Module):
@@ -130,20 +175,20 @@ class MemoryBanks(nn.Module):
 
 def class_mean(values, labels, num_classes):
     """Mean per class, then mean over the classes present (Eq. 6 and 8 normalisation). 0 (with graph) if empty."""
-    counts, sums = torch.bincount(labels, minlength=num_classes), values.new_zeros(num_classes)
-    sums = sums.index_add(0, labels, values)
+    counts = torch.bincount(labels, minlength=num_classes)
+    sums = values.new_zeros(num_classes).index_add(0, labels, values)
     return (sums[counts > 0] / counts[counts > 0]).mean() if values.numel() else values.sum()
 
 
 def similarities(anchors, bank, own, tau, filled):
     """HC/LC core. anchors [A, D], bank [C, K, D], own [A, C] (the anchor's class), filled [C, K]. Returns
-    sim = cos/tau [A, C, K] and neg [A] = log sum of e^sim over the filled entries of the other classes: a masked
-    logsumexp per class, then over the other classes (stable for any tau; -inf without negatives, which makes
-    the anchor's term exactly 0)."""
+    sim = cos/tau [A, C, K] and neg [A] = log of the sum of e^sim over the filled entries of the other classes:
+    a masked logsumexp (unfilled entries and the own class are -inf), exact for any tau; -inf when there is no
+    negative, which makes the anchor's term exactly 0."""
     num_classes, k, d = bank.shape
     sim = (F.normalize(anchors.float(), dim=1) / tau) @ F.normalize(bank, dim=-1).reshape(-1, d).t()
     sim = sim.view(-1, num_classes, k)
-    per_class = (sim if bool(filled.all()) else sim.masked_fill(~filled, float("-inf"))).logsumexp(2)  # [A, C]
+    per_class = sim.masked_fill(~filled, float("-inf")).logsumexp(2)  # [A, C]
     return sim, per_class.masked_fill(own, float("-inf")).logsumexp(1)
 
 
@@ -152,7 +197,7 @@ def hc_loss(anchors, labels, bank, tau, filled=None):
     positive (one term each), every other-class entry of the same bank a negative. `filled` [C, Q] marks the
     entries in use: all once the banks are full (with --contrast-after anchors of an empty class drop out)."""
     num_classes, q, _ = bank.shape
-    filled = torch.ones(num_classes, q, dtype=torch.bool, device=bank.device) if filled is None else filled
+    filled = bank.new_ones(num_classes, q, dtype=torch.bool) if filled is None else filled
     sim, negatives = similarities(anchors, bank, F.one_hot(labels, num_classes).bool(), tau, filled)
     positives, used = sim[torch.arange(len(labels), device=labels.device), labels], filled[labels]  # [A, Q]
     # -log(e^p / (e^p + e^n)) = softplus(n - p), n = log-sum-exp of the negatives
@@ -166,7 +211,7 @@ def lc_loss(anchors, positives, labels, banks, tau, filled=None):
     labels [S] (the peer's classes), banks [N, C, Q, D]: negatives = all banks' entries of the other classes
     (those marked in `filled` [N, C, Q])."""
     num_classes, d = banks.shape[1], banks.shape[-1]
-    filled = torch.ones(banks.shape[:3], dtype=torch.bool, device=banks.device) if filled is None else filled
+    filled = banks.new_ones(banks.shape[:3], dtype=torch.bool) if filled is None else filled
     pos = (F.normalize(anchors.float(), dim=1) * F.normalize(positives.float(), dim=1)).sum(1) / tau  # [S]
     _, negatives = similarities(anchors, banks.transpose(0, 1).reshape(num_classes, -1, d),  # [C, N*Q, D]
                                 F.one_hot(labels, num_classes).bool(), tau,
@@ -190,23 +235,24 @@ def downsample(x, size):
     return F.interpolate(x[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(x.dtype)
 
 
-def others_mean(probs, i):
-    """Cross-teacher softmax for student i: mean of every OTHER pair's teacher (exactly the other teacher for
-    N = 2); with a single pair its own teacher (the paper's 1-pair mean-teacher row of Table 6)."""
+def cross_teacher_probs(probs, i):
+    """The pseudo-label rule (§3.2), the only one: student i learns from the mean softmax of every OTHER pair's
+    teacher (exactly the other teacher for N = 2); with a single pair from its own (Table 6's 1-pair row).
+    probs [N, B, C, H, W]: every teacher's softmax."""
     return probs[i] if len(probs) == 1 else (probs.sum(0) - probs[i]) / (len(probs) - 1)
 
 
 class CrossTeacher(nn.Module):
-    """Student A's pseudo-label source, for the overlays and the pseudo-label probe: log of the mean softmax
-    of the other pairs' teachers (shares the teachers, adds no weights). The probe runs it as the teachers label:
-    in train mode (BN batch statistics) on batches of the unlabeled batch size, under --teacher-bn train."""
+    """cross_teacher_probs for student A as a network (log-probabilities), since the pseudo-label probe and the
+    overlays take one; it shares the teachers and adds no weights. The probe runs it as the teachers label: in
+    train mode (BN batch statistics) on batches of the unlabeled batch size, under --teacher-bn train."""
 
     def __init__(self, teachers):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
 
     def forward(self, image):
-        return others_mean(torch.stack([t(image).float().softmax(1) for t in self.teachers]), 0).log()
+        return cross_teacher_probs(torch.stack([t(image).float().softmax(1) for t in self.teachers]), 0).log()
 
 
 def contrastive_losses(i, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats, banks, args):
@@ -251,12 +297,12 @@ def student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, acceler
             conf4, pred4 = torch.stack([accelerator.unwrap_model(s).classifier(f) for s, f in zip(students, feats)]
                                        ).softmax(2).max(2)
         y4, valid4 = downsample(y_l, size), downsample(valid, size)
+    count = valid.sum().clamp(min=1)  # non-padded pixels: the normaliser of L_ct and w
     results = []
     for i, (logits, feat) in enumerate(outputs):
-        conf_t, label_t = others_mean(probs, i).max(1)  # cross-teacher confidence and pseudo-label
+        conf_t, label_t = cross_teacher_probs(probs, i).max(1)  # cross-teacher confidence and pseudo-label
         # (Eq. 2) supervised; (Eq. 5) CE on every non-padded pixel times the batch weight w (no gradient)
         loss_sup = F.cross_entropy(logits[:n_l].float(), y_l, ignore_index=IGNORE)
-        count = valid.sum().clamp(min=1)
         w = ((conf_t >= args.ct_threshold) & valid).sum() / count
         loss_ct = w * F.cross_entropy(logits[n_l:].float(), label_t.masked_fill(~valid, IGNORE),
                                       ignore_index=IGNORE, reduction="sum") / count
@@ -276,9 +322,9 @@ def update_teachers_and_banks(teachers, students, banks, x_l, y_l, step, n_add, 
     """teacher_i <- EMA of student_i (parameters only), then bank i from the UPDATED teacher i on the labeled batch
     (losses at t see the banks of t-1; cross_teacher_contr.py:1026-1037); no banks without HC and LC."""
     decay = common.ema_decay(step, args.ema_decay)
+    buffers = "keep" if args.teacher_bn == "train" else "copy"  # train-mode BN: the teacher keeps its own statistics
     for i, (t, s) in enumerate(zip(teachers, students)):
-        common.ema_update(t, accelerator.unwrap_model(s), decay, buffers="keep" if args.teacher_bn == "train"
-                          else "copy")
+        common.ema_update(t, accelerator.unwrap_model(s), decay, buffers=buffers)
         if args.lambda_hc > 0 or args.lambda_lc > 0:
             with accelerator.autocast():
                 feat = t(x_l, return_features=True)[1].float()
@@ -287,36 +333,9 @@ def update_teachers_and_banks(teachers, students, banks, x_l, y_l, step, n_add, 
 
 
 def main(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=2, help="student-teacher pairs (paper Table 6: 1, 2, 3)")
-    parser.add_argument("--mix", choices=["classmix", "cutmix", "none"], default="classmix")
-    parser.add_argument("--ema-decay", type=float, default=0.99)
-    parser.add_argument("--teacher-bn", choices=["train", "eval"], default="train")
-    parser.add_argument("--ct-threshold", type=float, default=0.968, help="confidence counted in the CT weight w")
-    parser.add_argument("--queue-size", type=int, default=128, help="Q per class (paper Table 7)")
-    parser.add_argument("--bank-threshold", type=float, default=0.0, help="bank entry also needs softmax >= this "
-                        "(0: the paper's rule, correct + top-k; 0.95: our earlier confidence-gated entry)")
-    parser.add_argument("--gamma", type=float, default=0.75, help="HC/LC split of pixels (paper Eq. 7, Table 8)")
-    parser.add_argument("--hc-labeled", choices=["confident", "all"], default="confident",
-                        help="labeled HC queries: own confidence >= gamma (paper Eq. 7) or all (official code)")
-    parser.add_argument("--tau-hc", type=float, default=0.1)
-    parser.add_argument("--tau-lc", type=float, default=0.5)
-    parser.add_argument("--lambda-ct", type=float, default=1.0)
-    parser.add_argument("--lambda-hc", type=float, default=0.1,
-                        help="0 and --lambda-lc 0: paper Table 5 'CTT w/o HC and LC' (no banks)")
-    parser.add_argument("--lambda-lc", type=float, default=0.1)
-    parser.add_argument("--contrast-after", type=int, help="fallback (ours, off by default): switch HC/LC on after "
-                        "this many iterations even if some queue is not full, using the filled entries only")
-    args = common.resolve_args(parser, PAPER_DEFAULTS, "ctt", argv)
-    checks = {"pairs": (1 <= args.pairs <= 8, "between 1 and 8"), "tau_hc": (args.tau_hc > 0, "positive"),
-              "tau_lc": (args.tau_lc > 0, "positive"), "gamma": (0 <= args.gamma <= 1, "in [0, 1]"),
-              "bank_threshold": (0 <= args.bank_threshold <= 1, "in [0, 1]")}
-    for flag, (ok, expected) in checks.items():
-        if not ok:
-            parser.error(f"--{flag.replace('_', '-')} must be {expected}, got {getattr(args, flag)}")
+    args = parse_args(argv)
     accelerator, log = common.setup(args)
-    mean, std = common.normalization(args.backbone)
-    data = build_data(args, accelerator, mean, std)
+    data = build_data(args, accelerator, *common.normalization(args.backbone))
     total = common.total_iterations(args, data.unlabeled_epoch)
     eval_every = args.eval_every or data.unlabeled_epoch
     n_add = max(2 * args.queue_size // len(data.labeled), args.batch_size * accelerator.num_processes)

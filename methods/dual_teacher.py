@@ -76,6 +76,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import argparse  # noqa: E402
+
+import cli  # noqa: E402
+
+# Our defaults where they differ from the field's conventions (cli.DATASET_DEFAULTS = UniMatch's).
+PAPER_DEFAULTS = {
+    "voc": {"backbone": "resnet50"},  # the paper's VOC classic table is DeepLabv3+ ResNet-50 (its Table 1)
+    "cityscapes": {"ohem": True},     # UniMatch's loss (LiheYoung/UniMatch@0324f3d configs/cityscapes.yaml:12-17)
+    "camvid": {"iters_per_epoch": 400},  # ours, not the paper's: 4 shifts at the cap in 1,600 iterations (docstring)
+    "toy": {"iters_per_epoch": 100},     # ours: 3 shifts of 300, each reaching the cap (docstring)
+}
+
+
+def parse_args(argv=None):
+    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--drop-path", type=float, default=0.1,
+                        help="student's maximum drop-path rate, linear from 0 over the backbone blocks that have a "
+                             "residual connection (every ResNet block); the MiT student's 0.1")
+    parser.add_argument("--iters-per-epoch", type=int,
+                        help="length of an epoch = one teacher shift (where no value is listed: one pass over the "
+                             "unlabeled set; ours on CamVid and toy, so the EMA reaches its cap in every shift)")
+    parser.add_argument("--ic-valid-from-labeled", action="store_true",
+                        help="the released code's bug: consistency mask/normaliser from the labeled batch's labels")
+    parser.add_argument("--ema-step", choices=["epoch", "teacher"], default="epoch",
+                        help="EMA ramp index: the iteration within the shift (the method), or 'teacher': the "
+                             "active teacher's own update count, never restarting (no-reset ablation)")
+    parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM cross-entropy for L_sup")
+    args = cli.resolve_args(parser, PAPER_DEFAULTS, "dual_teacher", argv)
+    if args.iters_per_epoch is not None and args.iters_per_epoch <= 0:
+        parser.error(f"--iters-per-epoch must be positive, got {args.iters_per_epoch}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below spend seconds loading torch
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -88,14 +124,6 @@ THRESHOLD = 0.95  # confidence threshold of all three terms (tools/train.py:134-
 IC_WEIGHT = 0.2   # weight of the implicit consistency loss (tools/train.py:139)
 EMA_CAP = 0.99    # cap of the EMA ramp (tools/train.py:149, 248)
 RAMP = round(1 / (1 - EMA_CAP))  # updates until a reaches the cap: 100
-
-# Our defaults where they differ from the field's conventions (common.DATASET_DEFAULTS = UniMatch's).
-PAPER_DEFAULTS = {
-    "voc": {"backbone": "resnet50"},  # the paper's VOC classic table is DeepLabv3+ ResNet-50 (its Table 1)
-    "cityscapes": {"ohem": True},     # UniMatch's loss (LiheYoung/UniMatch@0324f3d configs/cityscapes.yaml:12-17)
-    "camvid": {"iters_per_epoch": 400},  # ours, not the paper's: 4 shifts at the cap in 1,600 iterations (docstring)
-    "toy": {"iters_per_epoch": 100},     # ours: 3 shifts of 300, each reaching the cap (docstring)
-}
 
 
 def active(epoch: int) -> tuple[int, str]:
@@ -260,28 +288,11 @@ def build_networks(args, num_classes, device):
 
 
 def main(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--drop-path", type=float, default=0.1,
-                        help="student's maximum drop-path rate, linear from 0 over the backbone blocks that have a "
-                             "residual connection (every ResNet block); the MiT student's 0.1")
-    parser.add_argument("--iters-per-epoch", type=int,
-                        help="length of an epoch = one teacher shift (default: one pass over the unlabeled set; "
-                             "ours: 400 on CamVid, 100 on toy, so the EMA reaches its cap in every shift)")
-    parser.add_argument("--ic-valid-from-labeled", action="store_true",
-                        help="the released code's bug: consistency mask/normaliser from the labeled batch's labels")
-    parser.add_argument("--ema-step", choices=["epoch", "teacher"], default="epoch",
-                        help="EMA ramp index: the iteration within the shift (the method), or 'teacher': the "
-                             "active teacher's own update count, never restarting (no-reset ablation)")
-    parser.add_argument("--ohem", type=common.str2bool,
-                        help="OHEM cross-entropy for L_sup (default: on for Cityscapes only)")
-    args = common.resolve_args(parser, PAPER_DEFAULTS, "dual_teacher", argv)
-    args.ohem = bool(args.ohem)
+    args = parse_args(argv)
     accelerator, log = common.setup(args)
-    if args.ic_valid_from_labeled and args.batch_size != args.unlabeled_batch_size:
-        parser.error("--ic-valid-from-labeled needs --batch-size == --unlabeled-batch-size")
+    if args.ic_valid_from_labeled and args.batch_size != args.unlabeled_batch_size:  # both known after setup
+        sys.exit("--ic-valid-from-labeled needs --batch-size == --unlabeled-batch-size")
     mean, std = common.normalization(args.backbone)
-    if args.iters_per_epoch is not None and args.iters_per_epoch <= 0:
-        parser.error(f"--iters-per-epoch must be positive, got {args.iters_per_epoch}")
     data = build_data(args, accelerator, mean, std)
     args.iters_per_epoch = ipe = args.iters_per_epoch or data.unlabeled_epoch
     total = common.total_iterations(args, ipe)

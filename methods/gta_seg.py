@@ -74,15 +74,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import cli  # noqa: E402
 
-import common  # noqa: E402
-from datasets import build_data, mix, to_device  # noqa: E402
-
-# Values where they differ from the field's conventions: VOC = the official code's (experiments/pascal/183/gta/
-# config.yaml), Cityscapes = U2PL's Cityscapes config with GTA-Seg's caps (docstring), CamVid/toy = ours.
+# Values where they differ from the field's conventions (cli.DATASET_DEFAULTS): VOC = the official code's
+# (experiments/pascal/183/gta/config.yaml), Cityscapes = U2PL's Cityscapes config with GTA-Seg's caps (docstring),
+# CamVid/toy = ours.
 PAPER_DEFAULTS = {
     "voc": dict(output_stride=8, crop_size=[513, 513], global_batch=12, global_unlabeled_batch=12,  # 3+3 x 4 GPUs
                 lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4, epochs=80, ema_decay=0.999, ta_ema_decay=0.999),
@@ -92,6 +88,39 @@ PAPER_DEFAULTS = {
     "camvid": dict(ema_decay=0.99, ta_ema_decay=0.99),  # ours, not the paper's: short CPU schedules (docstring)
     "toy": dict(ema_decay=0.99, ta_ema_decay=0.99),     # ours
 }
+
+
+def parse_args(argv=None):
+    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--official-code", action="store_true",
+                        help="ablation: reproduce the released code's storage sharing (teacher, assistant and student "
+                             "share every parameter in the first semi-supervised epoch, then the student's and the "
+                             "assistant's mask predictor; docstring); off: the paper's method")
+    parser.add_argument("--ema-decay", type=float, help="cap of the teacher's EMA decay (0.999, config.yaml:68)")
+    parser.add_argument("--ta-ema-decay", type=float, help="cap of the assistant->student EMA decay (0.999, "
+                                                           "hard-coded in train_gta.py:418)")
+    parser.add_argument("--drop-ratio", type=float, default=0.2, help="fraction of least confident pixels "
+                                                                      "dropped from L_u (80%% kept, config.yaml:42)")
+    parser.add_argument("--cutmix-p", type=float, default=0.5, help="probability of CutMix per batch "
+                                                                    "(train_gta.py:347)")
+    parser.add_argument("--scale-rule", choices=["uniform", "u2pl"], default="uniform",
+                        help="weak pipeline rescale: uniform = the shared U(0.5, 2.0); u2pl = the code's U[0.5, 1) "
+                             "or U[1, 2) with probability 1/2 each (augmentation.py:190-194)")
+    parser.add_argument("--iters-per-epoch", type=int, help="iterations per epoch (default: one pass over the "
+                                                            "unlabeled set); the first epoch is supervised only")
+    return cli.resolve_args(parser, PAPER_DEFAULTS, "gta_seg", argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below spend seconds loading torch
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data, mix, to_device  # noqa: E402
+
 MASK_PREDICTOR = ("fuse.", "classifier.")  # = U2PL's decoder.classifier: never EMA'd from the assistant
 
 
@@ -224,24 +253,7 @@ def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_stu
 # Run
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--official-code", action="store_true",
-                        help="ablation: reproduce the released code's storage sharing (teacher, assistant and student "
-                             "share every parameter in the first semi-supervised epoch, then the student's and the "
-                             "assistant's mask predictor; docstring); default: the paper's method")
-    parser.add_argument("--ema-decay", type=float, help="cap of the teacher's EMA decay (0.999, config.yaml:68)")
-    parser.add_argument("--ta-ema-decay", type=float, help="cap of the assistant->student EMA decay (0.999, "
-                                                           "hard-coded in train_gta.py:418)")
-    parser.add_argument("--drop-ratio", type=float, default=0.2, help="fraction of least confident pixels "
-                                                                      "dropped from L_u (80%% kept, config.yaml:42)")
-    parser.add_argument("--cutmix-p", type=float, default=0.5, help="probability of CutMix per batch "
-                                                                    "(train_gta.py:347)")
-    parser.add_argument("--scale-rule", choices=["uniform", "u2pl"], default="uniform",
-                        help="weak pipeline rescale: uniform = the shared U(0.5, 2.0); u2pl = the code's U[0.5, 1) "
-                             "or U[1, 2) with probability 1/2 each (augmentation.py:190-194)")
-    parser.add_argument("--iters-per-epoch", type=int, help="iterations per epoch (default: one pass over the "
-                                                            "unlabeled set); the first epoch is supervised only")
-    args = common.resolve_args(parser, PAPER_DEFAULTS, "gta_seg", argv)
+    args = parse_args(argv)
     accelerator, log = common.setup(args)
     mean, std = common.normalization(args.backbone)
     data = build_data(args, accelerator, mean, std, strong=False)  # GTA-Seg has no photometric strong view

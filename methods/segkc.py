@@ -74,16 +74,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import argparse  # noqa: E402
 
-import common  # noqa: E402
-from datasets import build_data, cutmix_box_mask, mix, to_device  # noqa: E402
+import cli  # noqa: E402
 
-IGNORE = common.IGNORE_INDEX
 # VOC/Cityscapes: CPS+CutMix's values (TSS V/config.py:73-108, C/config.py:78-115, script.sh; choice 7) but the
-# backbone pairs (ours); camvid/toy: ours. Everything else comes from common.DATASET_DEFAULTS.
+# backbone pairs (ours); camvid/toy: ours. Everything else comes from cli.DATASET_DEFAULTS.
 PAPER_DEFAULTS = {
     "voc": dict(senior_backbone="resnet101", junior_backbone="resnet50", lambda_cps=1.0, lr=0.01, head_lr_mult=1.0,
                 crop_size=[512, 512], global_batch=8, global_unlabeled_batch=8, epochs=34),  # choice 7
@@ -93,6 +89,52 @@ PAPER_DEFAULTS = {
     "camvid": dict(senior_backbone="efficientnet_lite2", junior_backbone="efficientnet_lite0", lambda_cps=1.0),
     "toy": dict(senior_backbone="efficientnet_lite2", junior_backbone="efficientnet_lite0", lambda_cps=1.0),
 }
+
+
+def parse_args(argv=None):
+    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser._option_string_actions["--backbone"].help = (  # two networks: --backbone names the junior
+        "alias of --junior-backbone (the deployed network, saved in model_*.pt; default: --junior-backbone's); "
+        "the senior is --senior-backbone")
+    parser.add_argument("--senior-backbone", choices=cli.BACKBONES, help="S, training only")
+    parser.add_argument("--junior-backbone", choices=cli.BACKBONES, help="J, the evaluated and deployed network")
+    parser.add_argument("--senior-pretrained", help="the senior's weights: imagenet, none or a path (default: as "
+                        "--pretrained); with --senior-backbone resnet18 and none: the from-scratch senior")
+    parser.add_argument("--lambda-cps", type=float, help="CPS weight (CPS+CutMix's on VOC and Cityscapes; ours "
+                                                         "on camvid/toy)")
+    for name, what in (("feat-s2j", "feature KC, junior consults senior"),
+                       ("feat-j2s", "feature KC, senior consults junior"),
+                       ("pred-s2j", "prediction KC, junior consults senior"),
+                       ("pred-j2s", "prediction KC, senior consults junior")):
+        parser.add_argument(f"--kc-{name}", type=float, default=1.0, help=f"weight of {what}; 0: off (ours: 1)")
+    parser.add_argument("--kc-temperature", type=float, default=1.0, help="T of the prediction-level KL (ours)")
+    parser.add_argument("--selective", action="store_true",
+                        help="consult only where the consulted network is more confident (choice 6)")
+    parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM supervised CE (as CPS)")
+    args = cli.resolve_args(parser, PAPER_DEFAULTS, "segkc", argv)
+    given = parser.parse_known_args(argv)[0]  # which backbone flags were typed, without the defaults
+    if given.backbone is not None:
+        if given.junior_backbone not in (None, given.backbone):
+            parser.error("--backbone is an alias of --junior-backbone; they disagree")
+        args.junior_backbone = given.backbone
+    args.backbone = args.junior_backbone  # what evaluate.py rebuilds from model_*.pt: the junior
+    args.senior_pretrained = args.senior_pretrained or args.pretrained
+    if args.kc_temperature <= 0:
+        parser.error("--kc-temperature must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below spend seconds loading torch
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from datasets import build_data, cutmix_box_mask, mix, to_device  # noqa: E402
+
+IGNORE = common.IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -229,42 +271,6 @@ def build_networks(args, num_classes):
     adapter_j = adapter(c_j, c_s) if args.kc_feat_s2j > 0 else None  # junior consults senior features
     adapter_s = adapter(c_s, c_j) if args.kc_feat_j2s > 0 else None
     return senior, junior, adapter_s, adapter_j
-
-
-def parse_args(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser._option_string_actions["--backbone"].help = (  # two networks: --backbone names the junior
-        "alias of --junior-backbone (the deployed network, saved in model_*.pt); the senior is --senior-backbone")
-    parser.add_argument("--senior-backbone", choices=common.BACKBONES,
-                        help="S, training only (default resnet101; camvid/toy efficientnet_lite2)")
-    parser.add_argument("--junior-backbone", choices=common.BACKBONES,
-                        help="J, the evaluated and deployed network (default resnet50; camvid/toy efficientnet_lite0)")
-    parser.add_argument("--senior-pretrained", help="the senior's weights: imagenet, none or a path (default: as "
-                        "--pretrained); with --senior-backbone resnet18 and none: the from-scratch senior")
-    parser.add_argument("--lambda-cps", type=float,
-                        help="CPS weight (CPS+CutMix: 1 VOC, 5 Cityscapes; camvid/toy 1, ours)")
-    for name, what in (("feat-s2j", "feature KC, junior consults senior"),
-                       ("feat-j2s", "feature KC, senior consults junior"),
-                       ("pred-s2j", "prediction KC, junior consults senior"),
-                       ("pred-j2s", "prediction KC, senior consults junior")):
-        parser.add_argument(f"--kc-{name}", type=float, default=1.0, help=f"weight of {what}; 0: off (ours: 1)")
-    parser.add_argument("--kc-temperature", type=float, default=1.0, help="T of the prediction-level KL (ours)")
-    parser.add_argument("--selective", action="store_true",
-                        help="consult only where the consulted network is more confident (choice 6)")
-    parser.add_argument("--ohem", type=common.str2bool,
-                        help="OHEM supervised CE (default: Cityscapes only, as CPS)")
-    given = parser.parse_known_args(argv)[0]  # which backbone flags were typed, before defaults fill them
-    args = common.resolve_args(parser, PAPER_DEFAULTS, "segkc", argv)
-    if given.backbone is not None:
-        if given.junior_backbone not in (None, given.backbone):
-            parser.error("--backbone is an alias of --junior-backbone; they disagree")
-        args.junior_backbone = given.backbone
-    args.backbone = args.junior_backbone  # what evaluate.py rebuilds from model_*.pt: the junior
-    args.senior_pretrained = args.senior_pretrained or args.pretrained
-    args.ohem = bool(args.ohem)
-    if args.kc_temperature <= 0:
-        parser.error("--kc-temperature must be positive")
-    return args
 
 
 def main(argv=None):

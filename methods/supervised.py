@@ -19,23 +19,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import argparse  # noqa: E402
+
+import cli  # noqa: E402
+
+# The baseline uses the field's conventions (cli.DATASET_DEFAULTS) unchanged; only its loss differs per
+# dataset: OHEM on Cityscapes as in UniMatch's cityscapes.yaml.
+PAPER_DEFAULTS = {"cityscapes": {"ohem": True}}
+
+
+def parse_args(argv=None):
+    parser = cli.base_parser(__doc__.splitlines()[0], unlabeled_stream=False)
+    parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM cross-entropy")
+    return cli.resolve_args(parser, PAPER_DEFAULTS, "supervised", argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below spend seconds loading torch
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 from datasets import build_data, to_device  # noqa: E402
 
-# The baseline uses the field's conventions (common.DATASET_DEFAULTS) unchanged; only its loss differs per
-# dataset: OHEM on Cityscapes as in UniMatch's cityscapes.yaml.
-PAPER_DEFAULTS = {"cityscapes": {"ohem": True}}
-
 
 def main(argv=None):
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--ohem", type=common.str2bool,
-                        help="OHEM cross-entropy (default: on for Cityscapes only)")
-    args = common.resolve_args(parser, PAPER_DEFAULTS, "supervised", argv)
-    args.ohem = bool(args.ohem)
+    args = parse_args(argv)
     accelerator, log = common.setup(args)
     mean, std = common.normalization(args.backbone)
     data = build_data(args, accelerator, mean, std, need_unlabeled=False)

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # common and datasets (imported where the montage needs them)
 ITERS, EVAL_EVERY = 1600, 400
 PROTOCOL = ["--dataset", "camvid", "--image-scale", "0.5", "--crop-size", "96", "128", "--decoder-channels", "64",
             "--pretrained", "imagenet", "--batch-size", "8", "--unlabeled-batch-size", "8",
@@ -249,9 +250,9 @@ def report(seeds: list, ablation_seeds: list) -> str:
                     f"{statistics.mean(r['last']['iou'][c] for r in runs.values()):.1f}" for c in classes) + " |")
     lines += ["", "Pictures: `camvid_table.png` (last mIoU per row, a dot per seed), `camvid_miou.png` (val mIoU "
               "over training, mean over seeds), `camvid_probe_all.png` (probe accuracy over training), "
-              "`camvid_overlays.png` (image | ground truth | prediction | pseudo-label, first seed, last evaluation; "
-              "only rebuilt where runs/ exists).", "", "Commands (repository root); archived records in "
-              "`results/camvid_runs/`:", "", "```"]
+              "`camvid_overlays.png` (3 val images, their ground truth and every row's prediction with its last "
+              "weights, first seed; only rebuilt where runs/ exists).", "",
+              "Commands (repository root); archived records in `results/camvid_runs/`:", "", "```"]
     lines += [" ".join(command(name, s)) for name in ALL for s in (seeds if name in ROWS else ablation_seeds)
               if source(name, s) is not None] + ["```", ""]
     text = "\n".join(lines)
@@ -302,24 +303,67 @@ def plots(data: dict, last: dict, results: Path) -> None:
         plt.close(fig)
 
 
-def overlays(seed: int, results: Path) -> None:
-    """One montage of every row's last overlay (first seed), from the live run folders only."""
-    from PIL import Image, ImageDraw
-    found = []
-    for name in ALL:
-        files = sorted((run_dir(name, seed) / "overlays").glob("*.png"))
-        if files:
-            found.append((name, Image.open(files[-1]).convert("RGB")))
+def overlays(seed: int, results: Path, count: int = 3) -> None:
+    """camvid_overlays.png: `count` val images spread over val, their ground truth, and under them the
+    prediction of every row's last weights (runs/camvid/<row>_s<seed>/model_last.pt: live run folders only), in
+    flat class colours, so the rows are compared on the same pixels in one small PNG (flat colours compress
+    well). Each run's own overlays, with its pseudo-labels, stay in its overlays/ folder."""
+    found = [(name, run_dir(name, seed) / "model_last.pt") for name in ALL]
+    found = [(name, path) for name, path in found if path.is_file()]
     if not found:
         return
-    width = max(o.width for _, o in found)
-    canvas = Image.new("RGB", (width, sum(o.height + 18 for _, o in found)), "white")
-    y = 0
-    for name, image in found:
-        ImageDraw.Draw(canvas).text((4, y + 3), name, fill="black")
-        canvas.paste(image, (0, y + 18))
-        y += image.height + 18
-    canvas.save(results / "camvid_overlays.png")
+    import torch
+    from accelerate import Accelerator
+    from matplotlib.figure import Figure  # no pyplot: nothing global to close
+    from matplotlib.patches import Patch
+    import common
+    from datasets import build_data
+    args = argparse.Namespace(**torch.load(found[0][1], map_location="cpu", weights_only=True)["args"])
+    args.num_workers = 0
+    if not Path(args.data_root).is_dir():
+        print(f"camvid_overlays.png not rebuilt: the runs' --data-root {args.data_root} does not exist here")
+        return
+    mean, std = common.normalization(args.backbone)
+    data = build_data(args, Accelerator(cpu=True), mean, std, need_unlabeled=False)
+    samples = [data.val_set[k * len(data.val_set) // count] for k in range(min(count, len(data.val_set)))]
+    rows = [("image", [data.denormalize(s["image"]).permute(1, 2, 0) for s in samples]),
+            ("ground truth", [s["mask"] for s in samples])]
+    pixels = [s["image"] * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1) for s in samples]
+    for name, path in found:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        run = saved["args"]
+        model = common.build_model(run["backbone"], data.num_classes, "none", run["output_stride"],
+                                   run["decoder_channels"])
+        model.load_state_dict(saved["model"])
+        run_mean, run_std = (torch.tensor(v).view(3, 1, 1) for v in common.normalization(run["backbone"]))
+        with torch.no_grad():
+            rows.append((name, [model.eval()(((p - run_mean) / run_std)[None]).argmax(1)[0] for p in pixels]))
+    colours = torch.tensor([*data.palette, (255, 255, 255)], dtype=torch.uint8)  # index num_classes = ignored
+    height, width = samples[0]["mask"].shape
+    tile_w = min(max(width, 200), 320)
+    tile_h, gap, left = round(tile_w * height / width), 4, 180  # pixels (drawn at 100 dpi); left: row names
+    names = [*data.class_names, "ignored"]
+    legend_columns = 8
+    legend_h = 18 * ((len(names) + legend_columns - 1) // legend_columns) + 8
+    fig_w = left + len(samples) * (tile_w + gap)
+    fig_h = len(rows) * (tile_h + gap) + legend_h
+    fig = Figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
+    for r, (name, tiles) in enumerate(rows):
+        y = r * (tile_h + gap)  # pixels from the top
+        fig.text((left - 8) / fig_w, 1 - (y + tile_h / 2) / fig_h, name, ha="right", va="center", fontsize=8)
+        for c, tile in enumerate(tiles):
+            ax = fig.add_axes(((left + c * (tile_w + gap)) / fig_w, 1 - (y + tile_h) / fig_h, tile_w / fig_w,
+                               tile_h / fig_h))
+            if r == 0:
+                ax.imshow(tile.numpy())
+            else:
+                ax.imshow(colours[tile.where(tile < data.num_classes, data.num_classes)].numpy(),
+                          interpolation="nearest")
+            ax.set_axis_off()
+    fig.legend(handles=[Patch(facecolor=colours[c].numpy() / 255, edgecolor="black", linewidth=0.5, label=n)
+                        for c, n in enumerate(names)], loc="lower center", ncol=legend_columns, fontsize=8,
+               frameon=False, handlelength=1.2, columnspacing=1.0, borderaxespad=0.2)
+    fig.savefig(results / "camvid_overlays.png", dpi=100)
 
 
 def main():

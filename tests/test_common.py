@@ -2,6 +2,8 @@
 meter) and end-to-end failure handling of a run (non-finite loss, atomic checkpoints). Tiny inputs only."""
 import hashlib
 import importlib
+import importlib.util
+import os
 import json
 import math
 import shutil
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import common
-from conftest import TINY, load_checkpoint, read_metrics, run_method
+from conftest import ROOT, TINY, load_checkpoint, read_metrics, run_method
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -538,7 +540,12 @@ def test_loss_meter_non_finite_raises_naming_iteration(tmp_path, bad):
     meter.update(loss_sup=torch.tensor(bad))
     with pytest.raises(FloatingPointError, match="iteration 17") as error:
         meter.read(_fake_accelerator(), 17, tmp_path)
-    assert "loss_sup" in str(error.value) and str(tmp_path / "checkpoints" / "last") in str(error.value)
+    # before any checkpoint exists the message must not name one (it used to, e.g. with --lr nan)
+    assert "loss_sup" in str(error.value) and "no checkpoint was written yet" in str(error.value)
+    (tmp_path / "checkpoints" / "last").mkdir(parents=True)
+    meter.update(loss_sup=torch.tensor(bad))
+    with pytest.raises(FloatingPointError, match=str(tmp_path / "checkpoints" / "last")):
+        meter.read(_fake_accelerator(), 18, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,21 +574,27 @@ def _checkpoint_step(folder: Path) -> int:
     return state["custom_checkpoint_0.pkl"]["step"]
 
 
-def test_non_finite_loss_stops_run_and_keeps_last_checkpoint(base_run, tmp_path):
-    out = _copy(base_run, tmp_path)
-    result = run_method("supervised.py", [*TINY, "--num-overlays", "0", "--iters", "12", "--eval-every", "100",
+def test_non_finite_training_stops_and_keeps_a_finite_last_checkpoint(tmp_path):
+    """--lr 1e6 with a checkpoint at every iteration: losses stay finite for a while but BN running variances
+    overflow. The run must stop before such a state replaces the last good checkpoint (it used to keep 26 inf
+    running_var tensors, and every resume hit NaN again)."""
+    out = tmp_path / "run"
+    result = run_method("supervised.py", [*TINY, "--num-overlays", "0", "--iters", "12", "--eval-every", "1",
                                           "--lr", "1e6", "--out", str(out)], check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "FloatingPointError: non-finite loss at iteration" in output
-    assert "resumed from" in output and "last good checkpoint" in output
+    assert "FloatingPointError: non-finite" in output and "last good checkpoint is kept" in output
     last = out / "checkpoints" / "last"
     assert not (out / "checkpoints" / "last.tmp").exists() and not (out / "checkpoints" / "last.old").exists()
-    assert _checkpoint_step(last) == 2
-    weights = load_checkpoint(last)["model.safetensors"]
+    state = load_checkpoint(last)
+    weights = state["model.safetensors"]
     model = common.build_model("resnet18", 5, "none", 16, 16)
     model.load_state_dict(weights)  # strict: the folder is complete and loadable
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    momentum = [v["momentum_buffer"] for v in state["optimizer.bin"]["state"].values()]
+    assert momentum and all(torch.isfinite(v).all() for v in momentum)
+    weights_file = torch.load(out / "model_last.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in weights_file.values() if v.is_floating_point())
 
 
 def test_leftover_tmp_and_old_checkpoint_folders_on_resume(base_run, tmp_path):
@@ -593,7 +606,7 @@ def test_leftover_tmp_and_old_checkpoint_folders_on_resume(base_run, tmp_path):
     (folder / "last.tmp").mkdir()
     (folder / "last.tmp" / "model.safetensors").write_bytes(b"half-written")
     result = run_method("supervised.py", [*E2E, "--out", str(out)])
-    assert f"resumed from {folder / 'last.old'} at iteration 2" in result.stdout + result.stderr
+    assert f"resumed from {folder / 'last'} at iteration 2" in result.stdout + result.stderr  # last.old renamed
     assert [m["iteration"] for m in read_metrics(out)] == [2, 4]
     assert _checkpoint_step(folder / "last") == 4
     assert sorted(p.name for p in folder.iterdir()) == ["last"]
@@ -628,7 +641,7 @@ def test_save_checkpoint_is_a_swap_and_resume_prefers_last(accelerator, tmp_path
     (folder / "last").rename(folder / "last.old")
     state.step = 0
     assert common.maybe_resume(accelerator, args, state, log) == 7
-    assert "last.old at iteration 7" in (tmp_path / "log.txt").read_text()
+    assert sorted(p.name for p in folder.iterdir()) == ["last"]  # last.old took the place of the missing last
     args.resume = "none"
     assert common.maybe_resume(accelerator, args, state, log) == 0
     args.resume = str(tmp_path / "nowhere")
@@ -672,7 +685,9 @@ def test_crash_during_checkpoint_keeps_a_resumable_state(accelerator, tmp_path, 
             common.save_checkpoint(accelerator, tmp_path)
     assert not (tmp_path / "checkpoints" / "last").exists()
     state.step = 0
-    assert common.maybe_resume(accelerator, args, state, log) == 3  # from last.old
+    # last.tmp was whole (COMPLETE) when the swap was cut: it is the newest state and wins over last.old
+    assert common.maybe_resume(accelerator, args, state, log) == 5
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last"]
 
 
 def test_ohem_cross_entropy_closed_form():
@@ -721,15 +736,6 @@ def test_pseudo_label_probe_closed_form(accelerator):
     assert common.pseudo_label_probe(_FixedLogits(logits), SimpleNamespace(probe_set=[]), accelerator, 0.8) == {}
 
 
-def test_str2bool_accepts_true_false_and_rejects_anything_else():
-    """--ohem used to read any unknown word (e.g. 'on2') silently as False."""
-    import argparse
-    values = ("true", "Yes", "1", "on", "false", "NO", "0", "off")
-    assert [common.str2bool(v) for v in values] == [True] * 4 + [False] * 4
-    with pytest.raises(argparse.ArgumentTypeError, match="expected true or false"):
-        common.str2bool("maybe")
-
-
 def test_confident_ce_closed_form():
     """CE of the confident valid pixels (log 2 each), divided by all 3 valid pixels: 2 of them pass."""
     logits = torch.zeros(1, 2, 1, 4)
@@ -738,3 +744,108 @@ def test_confident_ce_closed_form():
     valid = torch.tensor([[[True, True, False, True]]])
     loss, share = common.confident_ce(logits, target, confidence, valid, 0.95)
     assert torch.allclose(loss, torch.tensor(2 * math.log(2) / 3)) and torch.allclose(share, torch.tensor(2 / 3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line (cli.py): defaults in --help, no torch before parsing, switches, value checks, workers
+# ----------------------------------------------------------------------------------------------------------
+METHODS = ["supervised", "mean_teacher", "gta_seg", "dual_teacher", "ctt", "segkc"]
+
+
+def _method(name):
+    spec = importlib.util.spec_from_file_location(f"method_{name}", ROOT / "methods" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _help_without_torch(name):
+    """`python methods/<name>.py --help` in a fresh interpreter: the help text, and whether torch got imported."""
+    import subprocess
+    path = str(ROOT / "methods" / f"{name}.py")
+    code = (f"import runpy, sys\nsys.argv = [{path!r}, '--help']\ntry:\n    runpy.run_path({path!r}, "
+            f"run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "200"})
+    return result.stdout
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_help_shows_defaults_and_answers_before_torch_is_imported(name):
+    """--help took 3.6 s (importing torch) and showed no defaults; flags filled per dataset list each value."""
+    text = _help_without_torch(name)
+    assert text.rstrip().endswith("torch imported: False"), text[-500:]
+    assert "--log-every LOG_EVERY" in text and "(default: 20)" in text
+    assert "(default: voc imagenet, cityscapes imagenet, camvid imagenet, toy none)" in text  # --pretrained
+    assert ("--unlabeled-batch-size" in text) == (name != "supervised")  # the baseline has no unlabeled stream
+    if name == "dual_teacher":
+        assert "(default: camvid 400, toy 100)" in text  # --iters-per-epoch, from its PAPER_DEFAULTS
+
+
+def test_every_boolean_flag_is_a_switch_that_resolves_to_true_or_false():
+    """--ohem took a word (true/false) while --selective was a switch; a switch no table sets was None."""
+    for name in ("supervised", "mean_teacher", "dual_teacher", "segkc"):
+        parse = _method(name).parse_args
+        assert parse(["--dataset", "toy", "--ohem"]).ohem is True
+        assert parse(["--dataset", "cityscapes", "--iters", "1", "--no-ohem"]).ohem is False
+        assert parse(["--dataset", "cityscapes", "--iters", "1"]).ohem is True  # the paper's value
+        args = parse(["--dataset", "toy"])
+        assert args.ohem is False and args.cache_images is False and args.check_data is True
+        with pytest.raises(SystemExit):
+            parse(["--dataset", "toy", "--ohem", "maybe"])
+    for name in METHODS:  # every flag without a value is a real boolean after resolution
+        args = _method(name).parse_args(["--dataset", "camvid"])
+        flags = [a for a in vars(args) if a in ("ohem", "cache_images", "check_data", "overwrite", "selective",
+                                                "official_code", "ic_valid_from_labeled")]
+        assert flags and all(isinstance(getattr(args, a), bool) for a in flags), (name, vars(args))
+
+
+@pytest.mark.parametrize("flags, named, expected", [
+    (["--crop-size", "0"], "argument --crop-size", "expected a positive integer, got '0'"),
+    (["--crop-size", "96", "-3"], "argument --crop-size", "expected a positive integer, got '-3'"),
+    (["--split", "-1/8"], "argument --split", "expected 'full', a fraction in (0, 1] such as 1/8"),
+    (["--split=2/1"], "argument --split", "expected 'full', a fraction in (0, 1] such as 1/8"),
+    (["--split", "0"], "argument --split", "a label count such as 183"),
+])
+def test_bad_crop_size_or_split_is_one_argparse_error_naming_the_flag(flags, named, expected, capsys):
+    """--crop-size 0 used to reach conv2d; --split -1/8 said only 'expected one argument'."""
+    with pytest.raises(SystemExit) as error:
+        common.resolve_args(common.base_parser(""), {}, "t", ["--dataset", "toy", *flags])
+    assert error.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert named in last and expected in last, last
+
+
+def test_num_workers_default_fits_the_cores(monkeypatch):
+    """The default was 4 loader workers per process whatever the machine (2 cores here)."""
+    for cores, workers in ((2, 2), (1, 1), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda n=cores: n)
+        assert common.resolve_args(common.base_parser(""), {}, "t", ["--dataset", "toy"]).num_workers == workers
+
+
+def test_drop_path_is_torchvision_stochastic_depth():
+    from torchvision.ops import stochastic_depth
+    x = torch.randn(64, 3, 4, 4)
+    torch.manual_seed(3)
+    ours = common.drop_path(x, 0.3, True)
+    torch.manual_seed(3)
+    assert torch.equal(ours, stochastic_depth(x, 0.3, "row", True))
+
+
+def test_cli_backbone_names_are_the_buildable_ones():
+    """cli.py (torch-free) lists the backbone names itself; they must be the ones build_model knows."""
+    import cli
+    assert cli.BACKBONES == common.BACKBONES == [*common.RESNETS, *common.LITE_STAGES]
+
+
+def test_evaluate_shows_a_progress_bar_on_the_main_process_only(capsys):
+    from contextlib import nullcontext
+    model = nn.Conv2d(3, 2, 1)
+    loader = [{"image": torch.randn(1, 3, 4, 4), "mask": torch.zeros(1, 4, 4, dtype=torch.long)} for _ in range(3)]
+    for main in (True, False):
+        accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=main,
+                                      autocast=nullcontext)
+        common.evaluate(model, loader, accelerator, 2)
+        err = capsys.readouterr().err
+        assert ("eval" in err and "/3 [" in err) if main else err == "", err  # a bar over the 3 batches

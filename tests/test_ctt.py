@@ -358,6 +358,19 @@ def test_three_pairs_learn_from_the_mean_of_the_other_teachers():
         assert torch.isfinite(results[i]["total"]) and results[i]["hc"].item() > 0
 
 
+def test_probe_and_overlay_network_gives_exactly_the_targets_student_a_trains_on():
+    """One pseudo-label rule (§3.2): CrossTeacher, the network the pseudo-label probe scores and the overlays draw,
+    labels exactly as student A's training targets (--mix none), with 2 and with 3 pairs."""
+    for n in (2, 3):
+        students, teachers = make_pairs(n)
+        x_l, y_l, unlabeled = make_batch()
+        results = ctt.student_losses(students, teachers, full_banks(n), x_l, y_l, unlabeled, make_args(), ACC)
+        with torch.no_grad():
+            probe = ctt.CrossTeacher(teachers)(unlabeled["image"])
+        assert torch.equal(probe.argmax(1), results[0]["target"])
+        assert not torch.equal(teachers[0](unlabeled["image"]).argmax(1), results[0]["target"])  # not its own
+
+
 def test_contrastive_terms_are_exactly_zero_until_the_banks_are_full():
     students, teachers = make_pairs()
     x_l, y_l, unlabeled = make_batch()

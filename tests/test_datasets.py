@@ -814,3 +814,66 @@ def test_build_data_streams_resume_at_a_step():
     assert len(data.probe_set) == 32
     rgb = data.denormalize(data.val_set[0]["image"])
     assert rgb.dtype == torch.uint8 and np.array_equal(rgb.permute(1, 2, 0).numpy(), datasets.toy_scene(100_000)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# UniMatch's VOC layout, used as it is
+# ----------------------------------------------------------------------------------------------------------
+def _path_pair(i):
+    return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png"  # a line of UniMatch's splits/pascal/*.txt
+
+
+@pytest.fixture
+def unimatch_voc_tree(tmp_path):
+    """VOC as UniMatch's README lays it out (LiheYoung/UniMatch@0324f3d README.md, "Dataset"): JPEGImages from
+    VOCtrainval and UniMatch's SegmentationClass, which holds the SBD-merged grayscale masks of every train_aug
+    and val image (no SegmentationClassAug folder); VOCtrainval's train.txt (bare ids) and UniMatch's val.txt
+    (path pairs, splits/pascal/val.txt)."""
+    root = tmp_path / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    for n, i in enumerate(VOC_TRAIN + VOC_VAL + VOC_SBD):
+        _rgb(20, 24, n).save(root / "JPEGImages" / f"{i}.jpg")
+        Image.fromarray(_voc_mask(n, 20, 24)).save(root / "SegmentationClass" / f"{i}.png")
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("\n".join(VOC_TRAIN) + "\n")
+    (sets / "val.txt").write_text("\n".join(_path_pair(i) for i in VOC_VAL))
+    return root
+
+
+def _first_batches(root, split_dir=None):
+    args = SimpleNamespace(dataset="voc", data_root=str(root), split="1", protocol="classic", split_dir=split_dir,
+                           seed=0, crop_size=[16, 16], image_scale=1.0, batch_size=2, unlabeled_batch_size=2,
+                           num_workers=0, check_data=False)
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
+                                  device=torch.device("cpu"), wait_for_everyone=lambda: None)
+    data = datasets.build_data(args, accelerator, MEAN, STD)
+    return data, next(data.labeled_stream(0)), next(data.unlabeled_stream(0))
+
+
+def test_unimatch_voc_layout_builds_and_reads_a_batch(unimatch_voc_tree):
+    """SBD's masks in SegmentationClass join the pool (not only the 1,464 fine ids), path-pair lines are read as
+    ids, and a first batch of each stream and a val image load."""
+    data, labeled, unlabeled = _first_batches(unimatch_voc_tree)
+    assert sorted(keys(data.labeled + data.unlabeled)) == sorted(VOC_TRAIN + VOC_SBD)
+    assert keys(data.labeled)[0] in VOC_TRAIN and keys(data.val_set.entries) == VOC_VAL
+    assert labeled["image"].shape == (2, 3, 16, 16) and unlabeled["image"].shape == (2, 3, 16, 16)
+    assert set(labeled["mask"].unique().tolist()) <= set(range(21)) | {255}
+    n = (VOC_TRAIN + VOC_VAL + VOC_SBD).index(VOC_VAL[0])
+    assert torch.equal(data.val_set[0]["mask"], torch.from_numpy(_voc_mask(n, 20, 24)).long())
+
+
+def test_unimatch_voc_layout_with_a_path_pair_train_aug_list(unimatch_voc_tree, tmp_path):
+    """A train_aug.txt of path pairs used to give JPEGImages/JPEGImages/... at the first batch."""
+    pool = VOC_TRAIN + VOC_SBD[:1]
+    (unimatch_voc_tree / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(_path_pair(i) for i in pool))
+    data, labeled, unlabeled = _first_batches(unimatch_voc_tree)
+    assert sorted(keys(data.labeled + data.unlabeled)) == sorted(pool)
+    assert data.labeled[0][0] == unimatch_voc_tree / "JPEGImages" / f"{keys(data.labeled)[0]}.jpg"
+    assert labeled["mask"].shape == (2, 16, 16) and unlabeled["valid"].shape == (2, 16, 16)
+    splits = tmp_path / "splits"  # and UniMatch's own split lists (splits/pascal/<n>/*.txt) on this tree
+    splits.mkdir()
+    (splits / "labeled.txt").write_text(_path_pair(VOC_TRAIN[1]) + "\n")
+    (splits / "unlabeled.txt").write_text("\n".join(_path_pair(i) for i in [VOC_TRAIN[0], VOC_SBD[0]]))
+    data, labeled, _ = _first_batches(unimatch_voc_tree, str(splits))
+    assert keys(data.labeled) == [VOC_TRAIN[1]] and keys(data.unlabeled) == [VOC_TRAIN[0], VOC_SBD[0]]

@@ -1,6 +1,7 @@
 """The result-table script (scripts/camvid_table.py) on fabricated run folders: per-seed and mean ± std columns,
-gains paired by seed, ablation rows, the archive in results/ that outlives runs/, PNGs written. No training, except the
-benchmark run end to end on the toy data."""
+gains paired by seed, ablation rows, the archive in results/ that outlives runs/, PNGs written; its overlay montage
+from the weights of a one-iteration run on a fabricated CamVid tree. scripts/summarize.py on fabricated run folders
+(a real run's row is tested in test_predict.py). The benchmark end to end on the toy data."""
 import importlib.util
 import json
 import re
@@ -8,9 +9,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import torch
 from PIL import Image
 
-from conftest import ROOT
+import common
+import datasets
+from conftest import ROOT, run_method
 
 spec = importlib.util.spec_from_file_location("camvid_table", ROOT / "scripts" / "camvid_table.py")
 camvid_table = importlib.util.module_from_spec(spec)
@@ -73,8 +78,9 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     assert "| dual_teacher_1-8 | pseudo_share 50.0; ema_a_max 0.990; teacher_lag 96.6 |" in text
     assert "| supervised_1-8 | 41.0 | 20.5 |" in text  # per-class IoU, mean over seeds
     assert "--seed 0 --out runs/camvid/ctt_1-8_s0" in text and "gta_seg_1-8_s0" not in text
-    for png in ("camvid_table.png", "camvid_miou.png", "camvid_probe_all.png", "camvid_overlays.png"):
+    for png in ("camvid_table.png", "camvid_miou.png", "camvid_probe_all.png"):
         assert (tmp_path / "results" / png).is_file(), png
+    assert not (tmp_path / "results" / "camvid_overlays.png").exists()  # no run folder holds weights
     assert camvid_table.finished("ctt_1-8", 0) and not camvid_table.finished("ctt_1-8", 1)
     camvid_table.archive("supervised_1-8", 0, "abc123")
     archived = camvid_table.archive_dir("supervised_1-8", 0)
@@ -126,3 +132,86 @@ def test_benchmark_times_the_passes_inside_the_run(tmp_path):
     assert row["sec_required"] > 0 and row["overhead"] > 0 and row["spread"] >= 0 and row["peak_rss_mb"] > 0
     assert row["timed"] == 2
     assert "| supervised | resnet18 | 1 |" in result.stdout
+
+
+def _camvid_tree(root, height=24, width=32):
+    """SegNet's CamVid layout with 8 train and 3 val frames of random pixels and labels (11 = void)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 3)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(count):
+            name = f"0001TP_{i:06d}.png"
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / split / name)
+            Image.fromarray(rng.integers(0, 12, (height, width), dtype=np.uint8)).save(root / f"{split}annot" / name)
+
+
+def test_overlay_montage_shows_every_rows_prediction_on_the_same_val_images(tmp_path, monkeypatch):
+    """camvid_overlays.png: rows image, ground truth, then one per run with weights (180-pixel name column, 200-pixel
+    tiles for the 32-pixel-wide frames, 4-pixel gaps); a run's tile holds its own network's argmax in the class
+    colours; the file stays small."""
+    data_root, run = tmp_path / "camvid", tmp_path / "one_iteration"
+    _camvid_tree(data_root)
+    run_method("supervised.py", ["--dataset", "camvid", "--data-root", str(data_root), "--image-scale", "1",
+                                 "--crop-size", "16", "16", "--backbone", "resnet18", "--pretrained", "none",
+                                 "--decoder-channels", "8", "--batch-size", "2", "--iters", "1", "--eval-every", "1",
+                                 "--num-workers", "0", "--num-overlays", "0", "--out", str(run)])
+    monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
+    results = tmp_path / "results"
+    results.mkdir()
+    montage = results / "camvid_overlays.png"
+    for count, name in enumerate(("supervised_1-8", "ctt_1-8"), 1):
+        camvid_table.run_dir(name, 0).mkdir(parents=True)
+        shutil.copyfile(run / "model_last.pt", camvid_table.run_dir(name, 0) / "model_last.pt")
+        camvid_table.overlays(0, results)
+        if count == 1:
+            one_row = np.array(Image.open(montage).convert("RGB"))
+    two_rows = np.array(Image.open(montage).convert("RGB"))
+    tile = round(200 * 24 / 32) + 4
+    assert two_rows.shape[0] - one_row.shape[0] == tile and two_rows.shape[1] == 180 + 3 * (200 + 4)
+    saved = torch.load(run / "model_last.pt", weights_only=True)
+    model = common.build_model("resnet18", 11, "none", 16, 8)
+    model.load_state_dict(saved["model"])
+    mean, std = common.normalization("resnet18")
+    x = torch.from_numpy(np.array(Image.open(data_root / "val" / "0001TP_000000.png"))).permute(2, 0, 1) / 255
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    with torch.no_grad():
+        label = model.eval()(x[None]).argmax(1)[0]
+    # the first run's row (third from the top), first val image, pixel (12, 16) at 6.25 tile pixels per pixel
+    for y, x_ in [(12, 16), (3, 5), (20, 28)]:
+        colour = two_rows[2 * tile + round((y + 0.5) * 6.25), 180 + round((x_ + 0.5) * 6.25)]
+        assert tuple(colour) == datasets.CAMVID_PALETTE[label[y, x_]], (y, x_)
+    assert montage.stat().st_size < 1_000_000
+
+
+def _summarize_run(folder, method, seed, mious, speeds=(0.5, 0.4, 9.0)):
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps({"method": method, "dataset": "camvid", "split": "1/8",
+                                                  "seed": seed}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"iteration": 400 * (k + 1), "miou": m}) + "\n"
+                                                  for k, m in enumerate(mious)))
+    (folder / "train.jsonl").write_text("".join(json.dumps({"iteration": 20 * (k + 1), "loss": 1.0,
+                                                            "sec_per_iter": s}) + "\n" for k, s in enumerate(speeds)))
+
+
+def test_summarize_table_and_plot(tmp_path):
+    """Last and best mIoU per run, the median s/iter (robust to one slow record), one row per run in the order
+    given; folders without evaluations are skipped with a note; --plot writes a PNG; nothing to show is an error."""
+    _summarize_run(tmp_path / "runs" / "ctt_a", "ctt", 0, [40.0, 47.25, 45.5])
+    _summarize_run(tmp_path / "runs" / "sup_b", "supervised", 1, [30.0], speeds=(0.25,))
+    (tmp_path / "runs" / "empty").mkdir()
+    script, plot = str(ROOT / "scripts" / "summarize.py"), tmp_path / "plots" / "miou.png"
+    runs = [str(tmp_path / "runs" / n) for n in ("ctt_a", "empty", "sup_b")]
+    result = subprocess.run([sys.executable, script, *runs, "--plot", str(plot)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "| run | method | dataset | split | seed | iterations | last mIoU | best mIoU | median s/iter |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ctt_a | ctt | camvid | 1/8 | 0 | 1200 | 45.50 | 47.25 | 0.500 |",
+        "| sup_b | supervised | camvid | 1/8 | 1 | 400 | 30.00 | 30.00 | 0.250 |"]
+    assert "skipped" in result.stderr and "empty" in result.stderr
+    assert Image.open(plot).format == "PNG" and Image.open(plot).size == (1000, 450)
+    result = subprocess.run([sys.executable, script, str(tmp_path / "runs" / "empty")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "no run folder with metrics.jsonl" in result.stderr

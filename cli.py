@@ -1,0 +1,241 @@
+"""The command line of every method script: the shared flags, their checks, and the per-dataset defaults that fill
+the flags left unset.
+
+Nothing here imports torch, on purpose: each method parses its command line before it imports torch and the rest
+of the project, so `--help` and a mistyped flag answer at once instead of after the seconds that loading torch
+takes. common.py re-exports these names, so `common.base_parser` etc. keep working.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+# The names common.build_model accepts (tests/test_common.py checks that the two agree).
+BACKBONES = ["resnet18", "resnet50", "resnet101", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+# The field's per-dataset conventions: UniMatch's configs (`LiheYoung/UniMatch@0324f3d configs/pascal.yaml`,
+# `cityscapes.yaml`; SGD momentum 0.9, wd 1e-4, poly 0.9 in supervised.py:113-115, 182-184). A method overrides
+# what its paper changes; camvid and toy are this project's CPU settings (not from any paper).
+DATASET_DEFAULTS = {
+    "voc": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
+                crop_size=[321, 321], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.001,
+                head_lr_mult=10.0, weight_decay=1e-4, epochs=80, eval_mode="whole"),
+    "cityscapes": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
+                       crop_size=[801, 801], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.005,
+                       head_lr_mult=1.0, weight_decay=1e-4, epochs=240, eval_mode="sliding"),
+    "camvid": dict(backbone="efficientnet_lite0", pretrained="imagenet", output_stride=16, decoder_channels=64,
+                   crop_size=[96, 128], image_scale=0.5, global_batch=8, global_unlabeled_batch=8, lr=0.01,
+                   head_lr_mult=1.0, weight_decay=1e-4, iters=1600, eval_every=400, eval_mode="whole",
+                   cache_images=True),
+    "toy": dict(backbone="resnet18", pretrained="none", output_stride=16, decoder_channels=32, crop_size=[48, 64],
+                image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.01, head_lr_mult=1.0,
+                weight_decay=1e-4, iters=300, eval_every=100, eval_mode="whole"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Value checks: a bad value stops at the argparse line that names its flag, not deep inside training
+# ----------------------------------------------------------------------------------------------------------
+def _integer_at_least(text: str, minimum: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (`--crop-size 0` used to pass and fail later inside conv2d)."""
+    return _integer_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _integer_at_least(text, 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def parse_split(text: str) -> str | int | Fraction:
+    """'full', a label count ('183') or a fraction of the labeled pool in (0, 1] ('1/8'); ValueError saying what
+    is expected otherwise. datasets.split_count turns it into a number of images."""
+    expected = "expected 'full', a fraction in (0, 1] such as 1/8, or a label count such as 183"
+    if text == "full":
+        return text
+    try:
+        value = Fraction(text) if "/" in text else int(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(expected) from None
+    if not (0 < value <= 1 if isinstance(value, Fraction) else value > 0):
+        raise ValueError(expected)
+    return value
+
+
+def split_type(text: str) -> str:
+    try:
+        parse_split(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return text
+
+
+def available_cores() -> int:
+    """Cores this process may run on: its affinity mask where the system has one (containers, job schedulers
+    and `taskset` restrict it below os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help ends every flag's line with its default. (argparse's ArgumentDefaultsHelpFormatter would print
+    'default: None' for the flags filled per dataset; resolve_args writes their per-dataset values instead.)"""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.ArgumentParser:
+    """Flags shared by every method. Flags left at None are filled by resolve_args from the method's paper
+    values, then from DATASET_DEFAULTS. unlabeled_stream=False (the supervised baseline): no unlabeled batch
+    to size, so --unlabeled-batch-size is not offered."""
+    p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--dataset", choices=["voc", "cityscapes", "camvid", "toy"], default="voc",
+                   help="which dataset; its values fill the flags left unset (listed per dataset below)")
+    p.add_argument("--data-root", help="dataset folder (default: data/VOC2012, data/cityscapes, "
+                                       "../shared/data/camvid; unused for toy)")
+    p.add_argument("--split", type=split_type, default="1/8",
+                   help="labeled subset: a fraction (1/8), a count (183) or 'full'")
+    p.add_argument("--protocol", choices=["classic", "blender"], default="classic",
+                   help="VOC only: classic draws labels from the 1,464 fine images (1/8 = 183), blender from all "
+                        "10,582 (1/8 = 1,323)")
+    p.add_argument("--split-dir", help="folder with labeled.txt / unlabeled.txt (UniMatch or U2PL format) "
+                                       "instead of a split drawn from --seed")
+    p.add_argument("--backbone", choices=BACKBONES)
+    p.add_argument("--pretrained", help="imagenet, none, or the path of a backbone state dict")
+    p.add_argument("--output-stride", type=int, choices=[16, 8])
+    p.add_argument("--decoder-channels", type=positive_int, help="width of ASPP and decoder (256 in DeepLabv3+)")
+    p.add_argument("--crop-size", type=positive_int, nargs="+", help="one size (square) or H W")
+    p.add_argument("--image-scale", type=positive_float,
+                   help="resize every image and mask by this factor when read")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="labeled images per process and iteration (default: the paper's global batch divided "
+                        "by the number of processes)")
+    # Hidden rather than absent without an unlabeled stream: a command line shared by every method (such as
+    # scripts/camvid_table.py's protocol) still runs the baseline; the baseline never reads the value.
+    p.add_argument("--unlabeled-batch-size", type=positive_int,
+                   help="unlabeled images per process and iteration (default: as --batch-size when that is given, "
+                        "else the paper's global unlabeled batch divided by the number of processes)"
+                   if unlabeled_stream else argparse.SUPPRESS)
+    p.add_argument("--lr", type=positive_float, help="backbone learning rate (the head uses lr x --head-lr-mult)")
+    p.add_argument("--head-lr-mult", type=float, help="learning-rate factor of ASPP, decoder and classifier")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--epochs", type=positive_int, help="training length in epochs (the method says what an epoch "
+                                                       "is); --iters wins when both are set")
+    p.add_argument("--iters", type=positive_int, help="training length in iterations; wins over --epochs")
+    p.add_argument("--eval-every", type=positive_int, help="iterations between evaluations (where no value is "
+                                                           "listed: once per epoch)")
+    p.add_argument("--eval-mode", choices=["whole", "sliding"])
+    p.add_argument("--out", help="run folder (default runs/<method>_<dataset>_<split>_s<seed>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the streams")
+    p.add_argument("--stop-at", type=positive_int, help="checkpoint and exit after this iteration (time-limited "
+                                                        "jobs); the schedule still runs to --iters, continue with "
+                                                        "--resume auto")
+    p.add_argument("--resume", default="auto", help="auto (continue OUT's last checkpoint if any), PATH or none")
+    p.add_argument("--num-workers", type=non_negative_int, default=min(4, available_cores()),
+                   help="loader worker processes per training process (at most 4, and no more than this "
+                        "machine's cores)")
+    p.add_argument("--cache-images", action=argparse.BooleanOptionalAction,
+                   help="keep decoded (rescaled) images in each loader worker's memory (~0.2 MB per CamVid "
+                        "image at scale 0.5; off for the large datasets)")
+    p.add_argument("--log-every", type=positive_int, default=20, help="iterations between progress/loss updates")
+    p.add_argument("--num-overlays", type=non_negative_int, default=4,
+                   help="val images drawn as PNG overlays per eval")
+    p.add_argument("--log-with", choices=["tensorboard"], help="also log to an Accelerate tracker "
+                                                               "(pip install -r requirements-extra.txt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run (deletes its checkpoints, weights and logs)")
+    p.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every file's header, size and mask values before training")
+    return p
+
+
+def _show_dataset_defaults(parser: argparse.ArgumentParser, method_defaults: dict) -> None:
+    """End the help of every flag that resolve_args fills per dataset with the value it gets on each dataset
+    (unless its help says its default itself)."""
+    for action in parser._actions:
+        if (action.default is not None or not action.option_strings or action.help == argparse.SUPPRESS
+                or "default" in (action.help or "")):
+            continue
+        shown = {}
+        for dataset, conventions in DATASET_DEFAULTS.items():
+            value = {**conventions, **method_defaults.get(dataset, {})}.get(action.dest)
+            if value is None and isinstance(action, argparse.BooleanOptionalAction):
+                value = False  # a switch that no table turns on is off
+            if value is not None:
+                shown[dataset] = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        if not shown:
+            continue
+        if len(shown) == len(DATASET_DEFAULTS) and len(set(shown.values())) == 1:
+            note = f"(default: {next(iter(shown.values()))})"
+        else:
+            note = "(default: " + ", ".join(f"{dataset} {value}" for dataset, value in shown.items()) + ")"
+        if note not in (action.help or ""):
+            action.help = f"{action.help} {note}" if action.help else note
+
+
+def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method: str, argv=None) -> argparse.Namespace:
+    """Parse, then fill every flag left at None from method_defaults[dataset] (the paper's values), then from
+    DATASET_DEFAULTS[dataset] (the field's conventions). --iters wins over --epochs. A switch that nothing sets
+    is False, so args.json holds true/false."""
+    _show_dataset_defaults(parser, method_defaults)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse (Python 3.11) reads "--split -1/8" as the flag followed by an unknown option "-1/8" and says only
+    # "expected one argument"; glued as "--split=-1/8" the value reaches split_type, which says what is expected.
+    for i in range(len(argv) - 1):
+        if argv[i] == "--split" and argv[i + 1][:1] == "-" and argv[i + 1][1:2].isdigit():
+            argv[i:i + 2] = [f"--split={argv[i + 1]}"]
+            break
+    args = parser.parse_args(argv)
+    epochs_only = args.epochs is not None and args.iters is None
+    for table in (method_defaults.get(args.dataset, {}), DATASET_DEFAULTS[args.dataset]):
+        for key, value in table.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    for action in parser._actions:
+        if isinstance(action, argparse.BooleanOptionalAction) and getattr(args, action.dest) is None:
+            setattr(args, action.dest, False)
+    if epochs_only:
+        args.iters = None  # the user asked for epochs: an iteration default must not override them
+    if args.data_root is None:
+        args.data_root = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
+                          "camvid": str(Path(__file__).resolve().parent.parent / "shared/data/camvid"),
+                          "toy": ""}[args.dataset]
+    if len(args.crop_size) not in (1, 2):
+        parser.error("--crop-size takes one size (square) or H W")
+    args.crop_size = list(args.crop_size) * (2 // len(args.crop_size))
+    if args.iters is None and args.epochs is None:
+        parser.error("give --iters or --epochs")
+    if args.out is None:
+        args.out = f"runs/{method}_{args.dataset}_{args.split.replace('/', '-')}_s{args.seed}"
+    args.method = method
+    return args

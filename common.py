@@ -514,7 +514,7 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, 
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=accelerator.device)
     for batch in tqdm(loader, desc="eval", unit="batch", leave=False, dynamic_ncols=True,
-                      disable=not accelerator.is_main_process):
+                      disable=accelerator.process_index != 0):
         image, mask = batch["image"].to(accelerator.device), batch["mask"].to(accelerator.device)
         with accelerator.autocast():
             pred = predict(model, image, num_classes, mode, window).argmax(1)

@@ -844,7 +844,7 @@ def test_evaluate_shows_a_progress_bar_on_the_main_process_only(capsys):
     model = nn.Conv2d(3, 2, 1)
     loader = [{"image": torch.randn(1, 3, 4, 4), "mask": torch.zeros(1, 4, 4, dtype=torch.long)} for _ in range(3)]
     for main in (True, False):
-        accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=main,
+        accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0 if main else 1,
                                       autocast=nullcontext)
         common.evaluate(model, loader, accelerator, 2)
         err = capsys.readouterr().err

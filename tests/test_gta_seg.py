@@ -377,7 +377,7 @@ def test_end_to_end_paper_mode(tmp_path, accelerator):
         assert metrics[-1][f"miou_{name}"] == round(miou, 3), name
     assert metrics[-1]["miou_student"] != metrics[-1]["miou_assistant"]
     teacher = ckpt["custom_checkpoint_1.pkl"]
-    saved = torch.load(out / "model_last.pt", weights_only=False)["model"]
+    saved = torch.load(out / "model_last.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], teacher[k]) for k in saved)  # the evaluated network is the teacher
     assert not torch.equal(ckpt["model.safetensors"]["backbone.conv1.weight"], teacher["backbone.conv1.weight"])
     assert not mask_predictor_shared(ckpt)
@@ -393,7 +393,7 @@ def test_exact_resume_official_code(tmp_path):
     assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin",
             "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= set(ckpt)
     assert mask_predictor_shared(ckpt)
-    saved = torch.load(tmp_path / "resumed" / "model_last.pt", weights_only=False)["model"]
+    saved = torch.load(tmp_path / "resumed" / "model_last.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], ckpt["custom_checkpoint_1.pkl"][k]) for k in saved)
 
 

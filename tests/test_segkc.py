@@ -339,10 +339,10 @@ def evaluate_saved(weights):
     """mIoU of a model_*.pt file with the training evaluator, in this process (as scripts/evaluate.py does)."""
     import contextlib
     from datasets import build_data
-    saved = torch.load(weights, weights_only=False)
+    saved = torch.load(weights, weights_only=True)
     args = SimpleNamespace(**saved["args"])
     args.num_workers = 0
-    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0,
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, is_main_process=True,
                           autocast=contextlib.nullcontext)
     data = build_data(args, acc, *common.normalization(args.backbone), need_unlabeled=False)
     model = common.build_model(args.backbone, data.num_classes, "none", args.output_stride, args.decoder_channels)
@@ -360,7 +360,7 @@ def test_segkc_single_process_resume_exact_and_junior_is_evaluated_and_saved(tmp
     assert [m["iteration"] for m in metrics] == [1, 2] and "miou_senior" in metrics[-1]
     assert metrics[-1]["pseudo_share"] == 100.0  # CPS: no threshold, every probed pixel is a pseudo-label
     assert (out / "overlays" / "iter_0000002.png").exists()
-    saved = torch.load(out / "model_last.pt", weights_only=False)
+    saved = torch.load(out / "model_last.pt", weights_only=True)
     assert saved["args"]["backbone"] == "efficientnet_lite0"
     junior = common.build_model("efficientnet_lite0", 5, "none", 16, 16)
     assert set(saved["model"]) == set(junior.state_dict())  # the bare junior: no adapter, no senior

@@ -18,7 +18,7 @@ def test_supervised_single_process(tmp_path):
                  "overlays/iter_0000004.png"):
         assert (out / name).exists(), name
     assert "mIoU" in (out / "log.txt").read_text()
-    weights = torch.load(out / "model_last.pt", weights_only=False)
+    weights = torch.load(out / "model_last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in weights["model"])
     assert "done: best mIoU" in result.stdout + result.stderr
 

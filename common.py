@@ -847,6 +847,24 @@ def save_weights(model: nn.Module, path: Path, **meta) -> None:
     os.replace(tmp, path)
 
 
+def load_weights(path: str) -> dict:
+    """The dict save_weights writes ('model': state dict, 'args': the run's arguments), read with
+    weights_only=True: plain tensors and Python types only, no code from the file is run."""
+    if not Path(path).is_file():
+        sys.exit(f"--weights {path}: no such file (expected OUT/model_best.pt or OUT/model_last.pt of a run)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:300]
+        sys.exit(f"--weights {path}: not readable as plain weights with torch.load(weights_only=True) "
+                 f"(expected the 'model' and 'args' dict a method script saves): {reason}")
+    if not isinstance(saved, dict) or "model" not in saved or "args" not in saved:
+        sys.exit(f"--weights {path}: expected a dict with 'model' and 'args' as a method script saves it "
+                 f"(OUT/model_best.pt), got {type(saved).__name__}"
+                 + (f" with keys {sorted(saved)[:5]}" if isinstance(saved, dict) else ""))
+    return saved
+
+
 _LAST_EVAL_END = [0.0]  # wall time at which the last evaluation/checkpoint finished (excluded from speed)
 
 

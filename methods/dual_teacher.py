@@ -94,7 +94,7 @@ def parse_args(argv=None):
     parser.add_argument("--drop-path", type=float, default=0.1,
                         help="student's maximum drop-path rate, linear from 0 over the backbone blocks that have a "
                              "residual connection (every ResNet block); the MiT student's 0.1")
-    parser.add_argument("--iters-per-epoch", type=int,
+    parser.add_argument("--iters-per-epoch", type=cli.positive_int,
                         help="length of an epoch = one teacher shift (where no value is listed: one pass over the "
                              "unlabeled set; ours on CamVid and toy, so the EMA reaches its cap in every shift)")
     parser.add_argument("--ic-valid-from-labeled", action="store_true",
@@ -103,10 +103,7 @@ def parse_args(argv=None):
                         help="EMA ramp index: the iteration within the shift (the method), or 'teacher': the "
                              "active teacher's own update count, never restarting (no-reset ablation)")
     parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM cross-entropy for L_sup")
-    args = cli.resolve_args(parser, PAPER_DEFAULTS, "dual_teacher", argv)
-    if args.iters_per_epoch is not None and args.iters_per_epoch <= 0:
-        parser.error(f"--iters-per-epoch must be positive, got {args.iters_per_epoch}")
-    return args
+    return cli.resolve_args(parser, PAPER_DEFAULTS, "dual_teacher", argv)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,7 @@ def main():
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--save-confusion", help="write the summed confusion matrix (torch.save) here")
     cli = parser.parse_args()
-    if not Path(cli.weights).is_file():
-        sys.exit(f"--weights {cli.weights}: no such file")
-    try:  # weights files hold tensors and plain values only: never unpickle anything else (it could run code)
-        saved = torch.load(cli.weights, map_location="cpu", weights_only=True)
-    except Exception as error:
-        sys.exit(f"--weights {cli.weights}: not a weights file written by a method script ({type(error).__name__}; "
-                 f"only tensors and plain values are loaded)")
+    saved = common.load_weights(cli.weights)  # tensors and plain values only: no code from the file runs
     args = SimpleNamespace(**saved["args"])
     args.num_workers, args.log_with = cli.num_workers, None
     args.data_root = cli.data_root or args.data_root

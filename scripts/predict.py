@@ -44,24 +44,6 @@ class WindowBatches(nn.Module):
         return torch.cat([self.model(chunk) for chunk in x.split(self.size)])
 
 
-def load_weights(path: str) -> dict:
-    """The dict common.save_weights writes ('model': state dict, 'args': the run's arguments), read with
-    weights_only=True: plain tensors and Python types only, no code from the file is run."""
-    if not Path(path).is_file():
-        sys.exit(f"--weights {path}: no such file (expected OUT/model_best.pt or OUT/model_last.pt of a run)")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = " ".join(str(error).split())[:300]
-        sys.exit(f"--weights {path}: not readable as plain weights with torch.load(weights_only=True) "
-                 f"(expected the 'model' and 'args' dict a method script saves): {reason}")
-    if not isinstance(saved, dict) or "model" not in saved or "args" not in saved:
-        sys.exit(f"--weights {path}: expected a dict with 'model' and 'args' as a method script saves it "
-                 f"(OUT/model_best.pt), got {type(saved).__name__}"
-                 + (f" with keys {sorted(saved)[:5]}" if isinstance(saved, dict) else ""))
-    return saved
-
-
 def list_images(folder: str) -> list[Path]:
     if not Path(folder).is_dir():
         sys.exit(f"--images {folder}: no such folder")
@@ -118,7 +100,7 @@ def main(argv=None):
     cli = parser.parse_args(argv)
     if cli.window_batch <= 0:
         parser.error(f"--window-batch must be positive, got {cli.window_batch}")
-    saved = load_weights(cli.weights)
+    saved = common.load_weights(cli.weights)
     images = list_images(cli.images)
     args = saved["args"]
     num_classes = saved["model"]["classifier.weight"].shape[0]

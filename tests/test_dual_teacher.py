@@ -499,4 +499,4 @@ def test_default_toy_shift_reaches_the_cap_no_warning(tmp_path):
     metrics = read_metrics(out)[-1]
     assert (metrics["ema_a_max"], metrics["teacher_lag"], metrics["teacher_lag_mean"]) == (0.0, 0.0, 0.0)
     result = run_method("dual_teacher.py", [*TINY, "--iters-per-epoch", "0", "--out", str(out)], check=False)
-    assert result.returncode != 0 and "--iters-per-epoch must be positive, got 0" in result.stderr
+    assert result.returncode != 0 and "--iters-per-epoch: expected a positive integer, got '0'" in result.stderr

@@ -129,7 +129,7 @@ def test_evaluate_refuses_a_weights_file_with_a_payload(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--weights", str(weights)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and not marker.exists()
-    assert last_line(result).startswith(f"--weights {weights}: not a weights file") and "Traceback" not in output_of(result)
+    assert last_line(result).startswith(f"--weights {weights}: not readable as plain weights") and "Traceback" not in output_of(result)
 
 
 def test_resume_refuses_a_registered_state_with_a_payload(stopped_run, tmp_path):

@@ -15,20 +15,22 @@ code cited as file:line at 1181110317/SSL_CTT@33d7e3c (HEAD; same lines in the f
           per-class mean, then mean over classes                                                        (Eq. 8-9)
   L_i   = L_sup + L_ct + [banks full] * (0.1 L_hc + 0.1 L_lc)   (Eq. 10; weights: 2e26335 cross_teacher_contr.py:991)
 After the optimiser steps: teachers <- EMA (decay min(1-1/(t+1), 0.99), parameters only; cross_teacher_contr.py:334),
-then each bank takes per class the n_add most confident labeled pixels its updated teacher predicts correctly (§3.3),
-n_add = max(floor(2Q/N_l), B) (cross_teacher_contr.py:491-494). HC/LC switch on for good once every queue of every
-bank holds Q = 128 (§3.4, Table 7; the code checks both banks alike, with Q = 256: cross_teacher_contr.py:1041).
-Students are evaluated; pair A is reported.
+then each bank takes per class the n_add most confident labeled pixels its UPDATED teacher predicts correctly (§3.3;
+the losses at t see the banks of t-1: cross_teacher_contr.py:1026-1037), n_add = max(floor(2Q/N_l), B) (same file
+:491-494). HC/LC switch on for good once every queue of every bank holds Q = 128 (§3.4, Table 7; the code checks
+both banks alike, with Q = 256: cross_teacher_contr.py:1041). Students are evaluated; pair A is reported.
 
 Decisions and deviations from the paper or the code, each with its reason:
-- Network: the project's DeepLabv3+ (paper: v2 and v3+), shared by every method here. Features = decoder output at
-  stride 4, the grid before upsampling; labels, pseudo-labels, confidences (classifier on that feature) and the
-  padding mask are nearest-downsampled to it (§4.1), which keeps the ignore label. Bank entries are L2-normalised
-  (cosine similarities, as the code: model/deeplabv2.py:206).
-- Bank entry: correct pixels, top-k by softmax, no confidence gate, as §3.3. The code's extra max RAW LOGIT >= 0.95
-  (cross_teacher_contr.py:484) is not in the paper; its ranking by max logit (cross_teacher_contr.py:498) is another
-  order (the softmax also depends on the other logits). --bank-threshold t adds softmax >= t (0.95: our earlier
-  rule, an ablation). §3.3's later "otherwise randomly selected" contradicts its criterion (3): top-k, as the code.
+- The project's pipeline, shared by every method: DeepLabv3+ (paper: v2 and v3+); views and evaluation (code: jitter
+  0.25 + blur after mixing; scale + crop; §4.1: rotations, flips, translations); one forward per student on
+  [labeled; unlabeled], BN statistics over both (the code runs two). Features = decoder output at stride 4, before
+  upsampling; labels, pseudo-labels, confidences (classifier on that feature) and padding mask are nearest-downsampled
+  to it (§4.1; ignore survives). Bank entries are L2-normalised: cosine similarities, as the code
+  (model/deeplabv2.py:206). Padding is not image: it is left out of L_ct, w, HC and LC.
+- Bank entry: correct pixels, top-k by softmax, no confidence gate (§3.3; its later "otherwise randomly selected"
+  contradicts its criterion (3): top-k, as the code). The code's extra max RAW LOGIT >= 0.95
+  (cross_teacher_contr.py:484) is not in the paper; its ranking by max logit (same file :498) is another order (the
+  softmax also depends on the other logits). --bank-threshold t adds softmax >= t (0.95: our earlier rule, ablation).
 - Labeled HC queries are gamma-gated too (Eq. 7): only then are Table 8's ends (gamma 0 / 1) Table 4's HC-only /
   LC-only rows. --hc-labeled all: every labeled pixel, as both scripts (cross_teacher_contr.py:961,
   cross_teacher_deeplabv3+.py:951).
@@ -36,22 +38,19 @@ Decisions and deviations from the paper or the code, each with its reason:
   (cross_teacher_contr.py:971,983; Table 9's "w/o directional mask"). The v3+ script's extra peer >= gamma
   (cross_teacher_deeplabv3+.py:972) is left out: that branch never ran (contr_train=False, same file :868, in every
   commit). LC classes are counted after the gating (the v3+ code can divide 0/0, same file :655-680).
-- Mixing: ClassMix keeps floor(n/2) of the n classes, with one class the partner whole (cross_teacher_contr.py:121,
-  utils/transformsgpu.py:58); --mix cutmix is the code's "cut", a half-image box. ONE draw for all students (the
-  code draws per student, cross_teacher_contr.py:934-935) keeps their features pixel-aligned, which LC needs; its
-  classes come from the mean softmax of all teachers (one draw, one class map), so a student's mix region, never
-  its target, depends on its own teacher too.
-- Views and evaluation are the project's, the same for every method (code: jitter 0.25 + blur after mixing; scale +
-  crop; §4.1: rotations, flips, translations). Padding is not image: it is left out of L_ct, w, HC and LC.
-- N > 2 pairs (left open by the paper): pseudo-label = mean softmax of all other teachers, LC peer = the most
-  confident other student, LC negatives from all N banks (N = 2: the paper's rule). Table 6 is CT only (its 2-pair
-  63.69 is Table 5's "CTT w/o HC and LC"): --pairs 1 / 3 match it only with --lambda-hc 0 --lambda-lc 0, which
-  skips the banks (no labeled teacher pass, no contrastive cost) and is the HEAD's loss (cross_teacher_contr.py:991).
+- Mixing: ClassMix keeps floor(n/2) of the n classes (never padding), with one class the partner whole
+  (cross_teacher_contr.py:121, utils/transformsgpu.py:58); --mix cutmix is the code's "cut", a half-image box. ONE
+  draw for all students (the code: one per student, cross_teacher_contr.py:934-935) keeps their features
+  pixel-aligned, as LC needs; its classes come from all teachers' mean softmax, so a student's mix region (never its
+  target) depends on its own teacher too.
+- N > 2 pairs (left open by the paper): pseudo-label = mean softmax of all other teachers (1 pair: its own), LC peer
+  = the most confident other student, LC negatives from all N banks (N = 2: the paper's rule). Table 6 is CT only
+  (its 2-pair 63.69 is Table 5's "CTT w/o HC and LC"): --pairs 1 / 3 match it only with --lambda-hc 0 --lambda-lc 0,
+  which skips the banks (no labeled teacher pass, no contrastive cost): the HEAD's loss (cross_teacher_contr.py:991).
 - Multi-process: every process keeps the same global top-n_add of the gathered local ones, so banks are identical
   everywhere (tests/test_ctt.py checks it, with 2 processes too); B = the global labeled batch.
-- One forward per student on [labeled; unlabeled], BN statistics over both (the code runs two): the project's shared
-  pipeline. Teachers keep BN in train mode, as the code (--teacher-bn eval: buffers copied). Pair i is built under
-  seed*100+i so the pairs differ; with --pretrained only the decoders differ (v3+ script; v2: A COCO, B ImageNet).
+- Teachers keep BN in train mode, as the code (--teacher-bn eval: buffers copied). Pair i is built under seed*100+i
+  so the pairs differ; with --pretrained only the decoders differ (v3+ script; v2: A COCO, B ImageNet).
 - --contrast-after K (ours, off by default): HC/LC on after K iterations even with queues not full (filled entries
   only), for data where some queue never fills.
 - Schedule: 80k iterations, lr 2.5e-4 (head x10), wd 5e-4, VOC crop 321 batch 10+10, Cityscapes 512x1024 -> 256x512
@@ -82,9 +81,8 @@ def parse_args(argv=None):
     parser.add_argument("--mix", choices=["classmix", "cutmix", "none"], default="classmix",
                         help="how each student's strong view of the unlabeled batch is mixed")
     parser.add_argument("--ema-decay", type=float, default=0.99, help="cap of each teacher's EMA decay ramp")
-    parser.add_argument("--teacher-bn", choices=["train", "eval"], default="train",
-                        help="teachers' BatchNorm: train = batch statistics; eval = running statistics copied "
-                             "from the student")
+    parser.add_argument("--teacher-bn", choices=["train", "eval"], default="train", help="teachers' BatchNorm: "
+                        "train = batch statistics; eval = running statistics copied from the student")
     parser.add_argument("--ct-threshold", type=float, default=0.968, help="confidence counted in the CT weight w")
     parser.add_argument("--queue-size", type=int, default=128, help="Q per class (paper Table 7)")
     parser.add_argument("--bank-threshold", type=float, default=0.0, help="bank entry also needs softmax >= this "
@@ -124,9 +122,9 @@ IGNORE = common.IGNORE_INDEX
 
 
 class MemoryBanks(nn.Module):
-    """One class-wise FIFO queue bank per pair: feats [N, C, Q, D] (L2-normalised), size [N, C]. Each queue is
-    right-aligned: its `size` valid entries sit at the end, oldest first. `ready` switches HC/LC on for good.
-    `candidates` [N, C] counts the pixels that passed the entry rule (this process; not checkpointed)."""
+    """Per pair a class-wise FIFO bank: feats [N, C, Q, D] (L2-normalised), `size` [N, C] (valid entries at a queue's
+    end, oldest first). `ready` switches HC/LC on for good. `candidates` [N, C] counts the pixels that passed the
+    entry rule (this process; not checkpointed)."""
 
     def __init__(self, pairs, num_classes, queue, dim):
         super().__init__()
@@ -142,7 +140,7 @@ class MemoryBanks(nn.Module):
     @torch.no_grad()
     def push(self, i, new, count):
         """Append new[c, :count[c]] to queue c of bank i, dropping the oldest entries beyond Q (FIFO)."""
-        q, d = self.feats.shape[2], self.feats.shape[3]
+        q, d = self.feats.shape[2:]
         combined = torch.cat([self.feats[i], F.normalize(new.float(), dim=-1)], 1)  # [C, Q + k, D]
         index = torch.arange(q, device=new.device)[None] + count[:, None]  # keep the last Q of old + new
         self.feats[i] = combined.gather(1, index[..., None].expand(-1, -1, d))
@@ -150,23 +148,20 @@ class MemoryBanks(nn.Module):
 
     @torch.no_grad()
     def update(self, i, feature, prob, label, n_add, accelerator, threshold=0.0):
-        """Paper §3.3: candidates = labeled pixels whose teacher prediction equals the ground truth (and, only with
-        --bank-threshold > 0, has softmax >= threshold); per class the n_add most confident (softmax) of the whole
-        global batch enter. feature [B,D,h,w], prob [B,C,h,w], label [B,h,w] (ignore never matches a class)."""
+        """Bank i takes per class the n_add most confident candidates (the entry rule: module docstring) of the
+        global batch. feature [B,D,h,w], prob [B,C,h,w], label [B,h,w] (ignore never matches a class)."""
         num_classes = self.feats.shape[1]
         conf, pred = prob.max(1)
         candidate = (pred == label) & (conf >= threshold)
         self.candidates[i] += torch.bincount(label[candidate], minlength=num_classes)
-        classes = torch.arange(num_classes, device=label.device)[:, None]
-        score = torch.where(candidate.flatten()[None] & (label.flatten()[None] == classes), conf.flatten()[None],
-                            -1.0)  # [C, P]; -1 = not a candidate of that class
+        of_class = label.flatten()[None] == torch.arange(num_classes, device=label.device)[:, None]  # [C, P]
+        score = torch.where(candidate.flatten() & of_class, conf.flatten(), -1.0)  # -1 = not a candidate of that class
         k = min(n_add, score.shape[1])
         top, index = score.topk(k, dim=1)  # local top-k per class
         chosen = feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]).float()[index]  # [C, k, D]
         if accelerator.num_processes > 1:  # the same global top-k on every process -> identical banks
-            world = accelerator.num_processes
-            top = accelerator.gather(top[None]).permute(1, 0, 2).reshape(num_classes, world * k)
-            chosen = accelerator.gather(chosen[None]).permute(1, 0, 2, 3).reshape(num_classes, world * k, -1)
+            top = accelerator.gather(top[None]).permute(1, 0, 2).reshape(num_classes, -1)
+            chosen = accelerator.gather(chosen[None]).permute(1, 0, 2, 3).reshape(num_classes, -1, chosen.shape[-1])
             top, index = top.topk(k, dim=1)  # the top-k of a union lies in the union of the top-k's
             chosen = chosen.gather(1, index[..., None].expand(-1, -1, chosen.shape[-1]))
         self.push(i, chosen, (top >= 0).sum(1))
@@ -181,52 +176,44 @@ def class_mean(values, labels, num_classes):
 
 
 def similarities(anchors, bank, own, tau, filled):
-    """HC/LC core. anchors [A, D], bank [C, K, D], own [A, C] (the anchor's class), filled [C, K]. Returns
-    sim = cos/tau [A, C, K] and neg [A] = log of the sum of e^sim over the filled entries of the other classes:
-    a masked logsumexp (unfilled entries and the own class are -inf), exact for any tau; -inf when there is no
-    negative, which makes the anchor's term exactly 0."""
-    num_classes, k, d = bank.shape
-    sim = (F.normalize(anchors.float(), dim=1) / tau) @ F.normalize(bank, dim=-1).reshape(-1, d).t()
-    sim = sim.view(-1, num_classes, k)
+    """HC/LC core. anchors [A, D], bank [C, K, D], own [A, C] (the anchor's class), filled [C, K]. Returns sim = cos/tau
+    [A, C, K] and n [A] = log sum e^sim over the filled entries of the other classes (a masked logsumexp, exact for any
+    tau), so -log(e^p / (e^p + e^n)) = softplus(n - p); n = -inf (no negative) makes the anchor's term exactly 0."""
+    sim = (F.normalize(anchors.float(), dim=1) / tau) @ F.normalize(bank, dim=-1).flatten(0, 1).t()
+    sim = sim.view(-1, *bank.shape[:2])
     per_class = sim.masked_fill(~filled, float("-inf")).logsumexp(2)  # [A, C]
     return sim, per_class.masked_fill(own, float("-inf")).logsumexp(1)
 
 
 def hc_loss(anchors, labels, bank, tau, filled=None):
-    """High-level contrast (Eq. 6). anchors [A, D], labels [A], bank [C, Q, D]: every same-class entry is a
-    positive (one term each), every other-class entry of the same bank a negative. `filled` [C, Q] marks the
-    entries in use: all once the banks are full (with --contrast-after anchors of an empty class drop out)."""
+    """High-level contrast (Eq. 6) on student i's bank [C, Q, D]. anchors [A, D], labels [A]; `filled` [C, Q]: the
+    entries in use (all once the banks are full; with --contrast-after anchors of an empty class drop out)."""
     num_classes, q, _ = bank.shape
     filled = bank.new_ones(num_classes, q, dtype=torch.bool) if filled is None else filled
     sim, negatives = similarities(anchors, bank, F.one_hot(labels, num_classes).bool(), tau, filled)
     positives, used = sim[torch.arange(len(labels), device=labels.device), labels], filled[labels]  # [A, Q]
-    # -log(e^p / (e^p + e^n)) = softplus(n - p), n = log-sum-exp of the negatives
     per_anchor = (F.softplus(negatives[:, None] - positives) * used).sum(1) / used.sum(1).clamp(min=1)
     keep = used.any(1)
     return class_mean(per_anchor[keep], labels[keep], num_classes)
 
 
 def lc_loss(anchors, positives, labels, banks, tau, filled=None):
-    """Low-level contrast (Eq. 8). anchors [S, D], positives [S, D] (the peer's features, already detached),
-    labels [S] (the peer's classes), banks [N, C, Q, D]: negatives = all banks' entries of the other classes
-    (those marked in `filled` [N, C, Q])."""
-    num_classes, d = banks.shape[1], banks.shape[-1]
+    """Low-level contrast (Eq. 8). anchors [S, D], positives [S, D] (the peer's features, detached), labels [S] (the
+    peer's classes); the negatives come from all banks [N, C, Q, D] (the entries marked in `filled` [N, C, Q])."""
+    num_classes = banks.shape[1]
     filled = banks.new_ones(banks.shape[:3], dtype=torch.bool) if filled is None else filled
     pos = (F.normalize(anchors.float(), dim=1) * F.normalize(positives.float(), dim=1)).sum(1) / tau  # [S]
-    _, negatives = similarities(anchors, banks.transpose(0, 1).reshape(num_classes, -1, d),  # [C, N*Q, D]
-                                F.one_hot(labels, num_classes).bool(), tau,
-                                filled.transpose(0, 1).reshape(num_classes, -1))
+    _, negatives = similarities(anchors, banks.transpose(0, 1).flatten(1, 2), F.one_hot(labels, num_classes).bool(),
+                                tau, filled.transpose(0, 1).flatten(1))  # the N banks as one: [C, N * Q, D]
     return class_mean(F.softplus(negatives - pos), labels, num_classes)
 
 
 def strong_mix_mask(kind, label, valid):
-    """bool [B,H,W], True where the mixed image keeps image i (False: takes image i+1). One draw per
-    iteration, shared by every student."""
-    if kind == "classmix":  # floor(n/2) classes of image i (padding never chosen); one class: all from i+1
+    """bool [B,H,W], True where the mixed image keeps image i (False: takes image i+1)."""
+    if kind == "classmix":  # padding is never a chosen class
         return classmix_mask(label.masked_fill(~valid, IGNORE), round_up=False)
-    if kind == "cutmix":  # the code's "cut": a box of half the image area is taken from the partner
-        b, h, w = label.shape
-        return ~cutmix_box_mask(b, h, w, p=1.0, area=(0.5, 0.5), device=label.device)
+    if kind == "cutmix":
+        return ~cutmix_box_mask(*label.shape, p=1.0, area=(0.5, 0.5), device=label.device)
     return torch.ones_like(valid)
 
 
@@ -236,16 +223,12 @@ def downsample(x, size):
 
 
 def cross_teacher_probs(probs, i):
-    """The pseudo-label rule (§3.2), the only one: student i learns from the mean softmax of every OTHER pair's
-    teacher (exactly the other teacher for N = 2); with a single pair from its own (Table 6's 1-pair row).
-    probs [N, B, C, H, W]: every teacher's softmax."""
+    """Student i's pseudo-label distribution (§3.2) from every teacher's softmax, probs [N, B, C, H, W]."""
     return probs[i] if len(probs) == 1 else (probs.sum(0) - probs[i]) / (len(probs) - 1)
 
 
 class CrossTeacher(nn.Module):
-    """cross_teacher_probs for student A as a network (log-probabilities), since the pseudo-label probe and the
-    overlays take one; it shares the teachers and adds no weights. The probe runs it as the teachers label: in
-    train mode (BN batch statistics) on batches of the unlabeled batch size, under --teacher-bn train."""
+    """cross_teacher_probs for student A as a network (log-probabilities) for the pseudo-label probe and overlays."""
 
     def __init__(self, teachers):
         super().__init__()
@@ -256,61 +239,55 @@ class CrossTeacher(nn.Module):
 
 
 def contrastive_losses(i, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats, banks, args):
-    """HC and LC of student i on the feature grid. feat [B_l + B_u, D, h, w]: student i's features (with grad);
-    y4: labeled GT; valid4, conf_t4, label_t4: padding mask and cross-teacher confidence/label of the mixed
-    unlabeled images; conf4 [N, B_l + B_u, h, w]: every student's own confidence; pred4 [N, B_u, h, w] and
-    peer_feats [N, B_u, h, w, D]: every student's class and feature on the unlabeled images (all detached)."""
+    """HC and LC of student i on the feature grid. feat [B_l + B_u, D, h, w]: its features (with grad); y4: labeled GT;
+    valid4, conf_t4, label_t4: padding mask, cross-teacher confidence and label of the mixed unlabeled images. Every
+    student's (detached): conf4 [N, B_l + B_u, h, w] confidence; on the unlabeled images pred4 [N, B_u, h, w] class,
+    peer_feats [N, B_u, h, w, D] feature."""
     f_l, f_u = feat[:n_l].permute(0, 2, 3, 1), feat[n_l:].permute(0, 2, 3, 1)
-    # (Eq. 7) m = 1: labeled pixels with own confidence >= gamma (or all: --hc-labeled all), unlabeled pixels
-    # with cross-teacher confidence >= gamma
+    # (Eq. 7) HC queries, m = 1: labeled by own confidence (or all), unlabeled by cross-teacher confidence
     labeled = (y4 != IGNORE) & ((conf4[i, :n_l] >= args.gamma) | (args.hc_labeled == "all"))
     high, filled = valid4 & (conf_t4 >= args.gamma), banks.filled()
     loss_hc = hc_loss(torch.cat([f_l[labeled], f_u[high]]), torch.cat([y4[labeled], label_t4[high]]),
                       banks.feats[i], args.tau_hc, filled[i])
-    # (Eq. 9) LC pixels: unlabeled, m = 0, and the peer strictly more confident than student i
+    # (Eq. 9) LC: m = 0 and the peer, the most confident OTHER student, strictly more confident than student i
     others = conf4[:, n_l:].clone()
-    others[i] = -1.0  # the peer is the most confident OTHER student (the other one for N = 2)
+    others[i] = -1.0
     conf_peer, peer = others.max(0)
     where = (valid4 & (conf_t4 < args.gamma) & (conf_peer > conf4[i, n_l:])).nonzero(as_tuple=True)
     at_peer = (peer[where], *where)
-    loss_lc = lc_loss(f_u[where], peer_feats[at_peer], pred4[at_peer], banks.feats, args.tau_lc, filled)
-    return loss_hc, loss_lc
+    return loss_hc, lc_loss(f_u[where], peer_feats[at_peer], pred4[at_peer], banks.feats, args.tau_lc, filled)
 
 
 def student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, accelerator):
-    """One iteration up to the backward: a list with each student's loss terms (dict), plus the shared
-    strong-view mix mask `keep` and the student's pseudo-label `target` (for tests and overlays)."""
+    """One iteration up to the backward: per student a dict of loss terms, mix mask `keep`, pseudo-label `target`."""
     n_l = x_l.shape[0]
     with torch.no_grad(), accelerator.autocast():  # (Eq. 3) every teacher on the weak view
         probs = torch.stack([t(unlabeled["image"]).float().softmax(1) for t in teachers])  # [N, B, C, H, W]
     # strong view: ONE mix draw for all students, applied alike to image, teacher maps and padding mask
     keep = strong_mix_mask(args.mix, probs.mean(0).argmax(1), unlabeled["valid"])
-    x_s = mix(keep, unlabeled["image_strong"], unlabeled["image_strong"].roll(-1, 0))
-    valid = mix(keep, unlabeled["valid"], unlabeled["valid"].roll(-1, 0))
+    x_s, valid = (mix(keep, x, x.roll(-1, 0)) for x in (unlabeled["image_strong"], unlabeled["valid"]))
     probs = torch.where(keep[None, :, None], probs, probs.roll(-1, 1))
     outputs = [s(torch.cat([x_l, x_s]), return_features=True) for s in students]  # one forward per student
     contrast = bool(banks.ready) and (args.lambda_hc > 0 or args.lambda_lc > 0)  # (Eq. 10) once the banks are full
     if contrast:
-        size = outputs[0][1].shape[-2:]
         with torch.no_grad():  # every student's own prediction on the feature grid (Eq. 7, 9), detached
             feats = torch.stack([f.detach().float() for _, f in outputs])  # [N, B_l + B_u, D, h, w]
             conf4, pred4 = torch.stack([accelerator.unwrap_model(s).classifier(f) for s, f in zip(students, feats)]
                                        ).softmax(2).max(2)
+        size, pred4, peer_feats = feats.shape[-2:], pred4[:, n_l:], feats[:, n_l:].permute(0, 1, 3, 4, 2)  # unlabeled
         y4, valid4 = downsample(y_l, size), downsample(valid, size)
     count = valid.sum().clamp(min=1)  # non-padded pixels: the normaliser of L_ct and w
     results = []
     for i, (logits, feat) in enumerate(outputs):
         conf_t, label_t = cross_teacher_probs(probs, i).max(1)  # cross-teacher confidence and pseudo-label
-        # (Eq. 2) supervised; (Eq. 5) CE on every non-padded pixel times the batch weight w (no gradient)
-        loss_sup = F.cross_entropy(logits[:n_l].float(), y_l, ignore_index=IGNORE)
-        w = ((conf_t >= args.ct_threshold) & valid).sum() / count
+        loss_sup = F.cross_entropy(logits[:n_l].float(), y_l, ignore_index=IGNORE)  # (Eq. 2)
+        w = ((conf_t >= args.ct_threshold) & valid).sum() / count  # (Eq. 5) no gradient
         loss_ct = w * F.cross_entropy(logits[n_l:].float(), label_t.masked_fill(~valid, IGNORE),
                                       ignore_index=IGNORE, reduction="sum") / count
         loss_hc = loss_lc = torch.zeros((), device=x_l.device)
         if contrast:
             loss_hc, loss_lc = contrastive_losses(i, feat, n_l, y4, valid4, downsample(conf_t, size),
-                                                  downsample(label_t, size), conf4, pred4[:, n_l:],
-                                                  feats[:, n_l:].permute(0, 1, 3, 4, 2), banks, args)
+                                                  downsample(label_t, size), conf4, pred4, peer_feats, banks, args)
         total = loss_sup + args.lambda_ct * loss_ct + args.lambda_hc * loss_hc + args.lambda_lc * loss_lc
         results.append(dict(total=total, sup=loss_sup, ct=loss_ct, hc=loss_hc, lc=loss_lc, w=w, target=label_t,
                             keep=keep))
@@ -319,8 +296,7 @@ def student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, acceler
 
 @torch.no_grad()
 def update_teachers_and_banks(teachers, students, banks, x_l, y_l, step, n_add, args, accelerator):
-    """teacher_i <- EMA of student_i (parameters only), then bank i from the UPDATED teacher i on the labeled batch
-    (losses at t see the banks of t-1; cross_teacher_contr.py:1026-1037); no banks without HC and LC."""
+    """teacher_i <- EMA of student_i, then bank i from the updated teacher i on the labeled batch (if HC or LC)."""
     decay = common.ema_decay(step, args.ema_decay)
     buffers = "keep" if args.teacher_bn == "train" else "copy"  # train-mode BN: the teacher keeps its own statistics
     for i, (t, s) in enumerate(zip(teachers, students)):
@@ -336,8 +312,7 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator, log = common.setup(args)
     data = build_data(args, accelerator, *common.normalization(args.backbone))
-    total = common.total_iterations(args, data.unlabeled_epoch)
-    eval_every = args.eval_every or data.unlabeled_epoch
+    total, eval_every = common.total_iterations(args, data.unlabeled_epoch), args.eval_every or data.unlabeled_epoch
     n_add = max(2 * args.queue_size // len(data.labeled), args.batch_size * accelerator.num_processes)
     num_classes, pairs, names, q = data.num_classes, args.pairs, "ABCDEFGH", args.queue_size
     contrastive = args.lambda_hc > 0 or args.lambda_lc > 0
@@ -353,14 +328,12 @@ def main(argv=None):
             model = common.build_model(args.backbone, num_classes, args.pretrained, args.output_stride,
                                        args.decoder_channels)
         model = common.prepare_network(model, accelerator)
-        teacher = common.frozen_copy(model).train(args.teacher_bn == "train")
+        teachers.append(common.frozen_copy(model).train(args.teacher_bn == "train"))
         optimizer = common.sgd(common.param_groups(model, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
         students.append(model.train())
-        teachers.append(teacher)
         optimizers.append(optimizer)
-    banks = MemoryBanks(pairs, num_classes, q, args.decoder_channels).to(accelerator.device)
-    state = common.TrainState()
+    banks, state = MemoryBanks(pairs, num_classes, q, args.decoder_channels).to(accelerator.device), common.TrainState()
     accelerator.register_for_checkpointing(*teachers, banks, state)
     start = common.maybe_resume(accelerator, args, state, log)
     state.extra.setdefault("contrast_on_iteration", None)  # HC/LC are in the loss of every later iteration
@@ -389,37 +362,37 @@ def main(argv=None):
         update_teachers_and_banks(teachers, students, banks, bl["image"], bl["mask"], step, n_add, args, accelerator)
         meter.update(**{f"{k}_{names[i]}": r[k] for i, r in enumerate(results) for k in ("sup", "ct", "hc", "lc", "w")})
         bar.update(1)
-
         done = step + 1
         if contrastive and done == (total + 9) // 10 and not bool(banks.ready):
             log.info(f"WARNING: memory banks not full after {done} of {total} iterations (10%), HC/LC still off; "
                      "queues below Q: " + ", ".join(f"{p} {c} {n}" for p, row in per_class(banks.size).items()
                                                      for c, n in row.items() if n < q))
-        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+        evaluate = done % eval_every == 0 or done in (total, args.stop_at)
+        if done % args.log_every == 0 or evaluate:
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(sup=f"{losses['sup_A']:.3f}", ct=f"{losses['ct_A']:.3f}", hc=f"{losses['hc_A']:.3f}",
                             lc=f"{losses['lc_A']:.3f}", on=int(banks.ready), lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
-        if done % eval_every == 0 or done == total or done == args.stop_at:
+        if evaluate:
             on = state.extra["contrast_on_iteration"]
             share = 0.0 if on is None else (done - on) / done  # share of the iterations so far with HC/LC
             entries, candidates = per_class(banks.size), per_class(accelerator.reduce(banks.candidates, "sum"))
             banks.candidates.zero_()  # counted from one evaluation to the next
+            queues = "; ".join(f"{p} " + ", ".join(f"{c} {n} ({candidates[p][c]})" for c, n in row.items())
+                               for p, row in entries.items())
             log.info(("HC/LC off" if on is None else f"HC/LC on after iteration {on} ({share:.0%} of the iterations)")
-                     + "; bank entries per class (candidates since the last evaluation): " + "; ".join(
-                         f"{p} " + ", ".join(f"{c} {n} ({candidates[p][c]})" for c, n in row.items())
-                         for p, row in entries.items()))
+                     + f"; bank entries per class (candidates since the last evaluation): {queues}")
+            record = {"banks_ready": bool(banks.ready), "contrast_on_iteration": on,
+                      "contrast_on_share": round(share, 4), "bank_fill_min": round(banks.size.min().item() / q, 3),
+                      "bank_entries": entries, "bank_candidates": candidates,
+                      **{f"train_{k}": round(v, 4) for k, v in losses.items()}}
             common.evaluate_and_checkpoint(
-                accelerator, args, state, log, data, students[0], done,
+                accelerator, args, state, log, data, students[0], done, extra_record=record,
                 extra_models={f"student_{names[i]}": students[i] for i in range(1, pairs)},
                 pseudo_label_fn=lambda image: cross_teacher.eval()(image).argmax(1),
-                probe=(cross_teacher, 0.0,  # CE trains on every pixel (rule 0); teachers label in their BN mode
-                       args.unlabeled_batch_size if args.teacher_bn == "train" else None),
-                extra_record={"banks_ready": bool(banks.ready), "contrast_on_iteration": on,
-                              "contrast_on_share": round(share, 4),
-                              "bank_fill_min": round(banks.size.min().item() / q, 3), "bank_entries": entries,
-                              "bank_candidates": candidates, **{f"train_{k}": round(v, 4) for k, v in losses.items()}})
+                probe=(cross_teacher, 0.0,  # rule 0: CE trains on every pixel; the teachers label as in training
+                       args.unlabeled_batch_size if args.teacher_bn == "train" else None))  # (BN mode, batch size)
             cross_teacher.train(args.teacher_bn == "train")  # the overlays ran the teachers in eval mode
         if done == args.stop_at:
             break

@@ -151,7 +151,8 @@ def mean_std(values: list, digits: int = 1) -> str:
 
 def paired_gain(a: dict, b: dict) -> str:
     """Gain of row a over row b paired by seed (same labeled split): mean ± std of the per-seed differences, and
-    'beyond the spread' when a is above b in every seed and the mean gain exceeds twice its standard error."""
+    beyond the spread (**above** / **below**) when a is on the same side of b in every seed and the mean difference
+    exceeds twice its standard error in size; otherwise 'within'."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return "-"
@@ -159,8 +160,9 @@ def paired_gain(a: dict, b: dict) -> str:
     if len(d) == 1:
         return f"{d[0]:+.1f} (1 seed)"
     sd = statistics.stdev(d)
-    beyond = min(d) > 0 and statistics.mean(d) > 2 * sd / math.sqrt(len(d))
-    return f"{statistics.mean(d):+.1f} ± {sd:.1f}" + (" **yes**" if beyond else " no")
+    mean, beyond = statistics.mean(d), abs(statistics.mean(d)) > 2 * sd / math.sqrt(len(d))
+    side = " **above**" if min(d) > 0 and beyond else " **below**" if max(d) < 0 and beyond else " within"
+    return f"{mean:+.1f} ± {sd:.1f}" + side
 
 
 def collect(name: str, seeds: list) -> dict:
@@ -205,9 +207,10 @@ def report(seeds: list, ablation_seeds: list) -> str:
              f", {ITERS} iterations, whole-image evaluation of the 101 val images at 240x180. mIoU = the LAST "
              "evaluation of each run (nothing is selected on val); per seed, then mean ± std over seeds. A seed "
              "fixes the labeled split, so gains are paired by seed: mean ± std of the per-seed differences; "
-             "**yes** = above the reference in every seed and the mean gain is more than twice its standard error "
-             "(std / sqrt(seeds)). Probe = pixel accuracy of the network that makes the pseudo-labels (for the "
-             "baselines: the evaluated network), on every labeled pixel of 32 fixed unlabeled training images "
+             "**above** / **below** = on that side of the reference in every seed, and the mean difference is "
+             "more than twice its standard error (std / sqrt(seeds)); within = not beyond the spread. Probe = "
+             "pixel accuracy of the network that makes the pseudo-labels (for the baselines: the evaluated "
+             "network), on every labeled pixel of 32 fixed unlabeled training images "
              "(ground truth read for the probe only). s/iter: median over the run (evaluations excluded), lowest "
              "over seeds, 2 CPU cores (the machine's speed drifts, see the README).", "",
              "| row | what it is | seeds | last mIoU per seed | mean ± std | vs supervised 1/8 | vs mean teacher | "

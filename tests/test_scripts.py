@@ -43,13 +43,15 @@ def test_paired_gain_closed_form():
     """Per-seed differences 2, 3, 4: mean 3, std 1, standard error 1/sqrt(3): beyond the spread. Differences
     -1, 3, 4 (mean 2 but one seed below): not. One seed: no spread claimed."""
     base = {0: 40.0, 1: 41.0, 2: 42.0}
-    assert camvid_table.paired_gain({0: 42.0, 1: 44.0, 2: 46.0}, base) == "+3.0 ± 1.0 **yes**"
-    assert camvid_table.paired_gain({0: 39.0, 1: 44.0, 2: 46.0}, base) == "+2.0 ± 2.6 no"
+    assert camvid_table.paired_gain({0: 42.0, 1: 44.0, 2: 46.0}, base) == "+3.0 ± 1.0 **above**"
+    assert camvid_table.paired_gain({0: 39.0, 1: 44.0, 2: 46.0}, base) == "+2.0 ± 2.6 within"
     assert camvid_table.paired_gain({0: 45.0}, base) == "+5.0 (1 seed)"
+    # a loss beyond the spread is reported as such (differences -2, -3, -4), not as "no gain"
+    assert camvid_table.paired_gain({0: 38.0, 1: 38.0, 2: 38.0}, base) == "-3.0 ± 1.0 **below**"
     assert camvid_table.paired_gain({5: 45.0}, base) == "-"
-    # differences 1, 3, 5: mean 3 > 2 * 2 / sqrt(3) = 2.31 -> yes; 0.1, 0.2, 6: mean 2.1 < 2 * 3.4 / sqrt(3) -> no
-    assert camvid_table.paired_gain({0: 41.0, 1: 44.0, 2: 47.0}, base) == "+3.0 ± 2.0 **yes**"
-    assert camvid_table.paired_gain({0: 40.1, 1: 41.2, 2: 48.0}, base) == "+2.1 ± 3.4 no"
+    # differences 1, 3, 5: mean 3 > 2 * 2 / sqrt(3) = 2.31 -> above; 0.1, 0.2, 6: mean 2.1 < 2 * 3.4 / sqrt(3) -> within
+    assert camvid_table.paired_gain({0: 41.0, 1: 44.0, 2: 47.0}, base) == "+3.0 ± 2.0 **above**"
+    assert camvid_table.paired_gain({0: 40.1, 1: 41.2, 2: 48.0}, base) == "+2.1 ± 3.4 within"
 
 
 def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch):
@@ -68,7 +70,7 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     row = lambda name: next(x for x in text.splitlines() if x.startswith(f"| {name} |"))  # noqa: E731
     assert row("supervised_1-8").endswith("| 3/3 | 40.0 / 41.0 / 42.0 | 41.0 ± 1.0 | - | - | 85.0 ± 0.0 | 0.30 |")
     # mean teacher: +4, +4, +5 over supervised: 4.3 ± 0.6, beyond the spread
-    assert "| 3/3 | 44.0 / 45.0 / 47.0 | 45.3 ± 1.5 | +4.3 ± 0.6 **yes** | - |" in row("mean_teacher_1-8")
+    assert "| 3/3 | 44.0 / 45.0 / 47.0 | 45.3 ± 1.5 | +4.3 ± 0.6 **above** | - |" in row("mean_teacher_1-8")
     # CTT: seed 0 from the archive (runs/ has none), seed 1 unfinished and left out
     assert "| 1/3 | 43.0 / - / - | 43.0 | +3.0 (1 seed) | -1.0 (1 seed) |" in row("ctt_1-8")
     assert "| ctt_1-8: -1.5 (1 seed) |" in row("ctt_no_contrast_1-8")

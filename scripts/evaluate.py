@@ -2,6 +2,10 @@
 evaluator: same dataset, mode and mIoU code. Works in one process or under `accelerate launch`.
 
   python scripts/evaluate.py --weights runs/ctt_voc_1-8_s0/model_best.pt [--data-root ...] [--eval-mode sliding]
+
+--recalibrate-bn K (a diagnostic) first replaces every BatchNorm's running statistics by their average over K
+train-mode forwards of labeled training crops (the weak view, no gradient; each process its own), i.e. the statistics
+a supervised-only run collects: it shows how much of a score the statistics of the unlabeled views cost.
 """
 import argparse
 import sys
@@ -16,12 +20,31 @@ import common  # noqa: E402
 from datasets import build_data  # noqa: E402
 
 
+def recalibrate_bn(model: torch.nn.Module, stream, batches: int, device) -> None:
+    """Running mean / var of every BatchNorm = the plain average over `batches` train-mode forwards (momentum None,
+    torch's cumulative average); weights and everything else untouched; the model is left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(next(stream)["image"].to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="a model_*.pt file written by a method script")
     parser.add_argument("--data-root", help="override the dataset folder stored with the weights")
     parser.add_argument("--eval-mode", choices=["whole", "sliding"])
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="K",
+                        help="diagnostic: first recompute BatchNorm statistics from K batches of labeled crops")
     parser.add_argument("--save-confusion", help="write the summed confusion matrix (torch.save) here")
     cli = parser.parse_args()
     saved = common.load_weights(cli.weights)  # tensors and plain values only: no code from the file runs
@@ -38,9 +61,12 @@ def main():
                                args.output_stride, args.decoder_channels)
     model.load_state_dict(saved["model"])
     model.to(accelerator.device)
+    if cli.recalibrate_bn > 0:
+        recalibrate_bn(model, data.labeled_stream(0), cli.recalibrate_bn, accelerator.device)
     result = common.evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, args.crop_size)
     if accelerator.is_main_process:
-        print(f"mIoU ({args.eval_mode}, {len(data.val_set)} val images): {result['miou']:.2f}")
+        recalibrated = f", BatchNorm statistics from {cli.recalibrate_bn} labeled batches" if cli.recalibrate_bn else ""
+        print(f"mIoU ({args.eval_mode}, {len(data.val_set)} val images{recalibrated}): {result['miou']:.2f}")
         print("per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
         if cli.save_confusion:
             torch.save(result["confusion"], cli.save_confusion)

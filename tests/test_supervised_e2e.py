@@ -1,9 +1,10 @@
 """methods/supervised.py end to end through its command line: 1 process, 2 processes (gloo), resume."""
+import importlib.util
 import json
 
 import torch
 
-from conftest import TINY, assert_resume_equivalent, read_metrics, run_method
+from conftest import ROOT, TINY, assert_resume_equivalent, read_metrics, run_method
 
 
 def test_supervised_single_process(tmp_path):
@@ -43,3 +44,25 @@ def test_supervised_two_processes_same_confusion_as_one(tmp_path):
 
 def test_supervised_resume_is_exact(tmp_path):
     assert_resume_equivalent("supervised.py", TINY, tmp_path)
+
+
+def test_recalibrate_bn_is_the_plain_average_over_the_batches_and_restores_momentum():
+    """scripts/evaluate.py --recalibrate-bn K: running mean = the mean of the K per-batch channel means, running var
+    = the mean of the K unbiased per-batch variances, whatever the statistics were before; momentum restored."""
+    spec = importlib.util.spec_from_file_location("evaluate", ROOT / "scripts" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(3, momentum=0.3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), norm).eval()
+    with torch.no_grad():  # identity convolution: the BN sees the batches as they are
+        model[0].weight.copy_(torch.eye(3)[..., None, None])
+        model[0].bias.zero_()
+    norm.running_mean.fill_(7.0)  # stale statistics, e.g. from strong views
+    batches = [torch.randn(2, 3, 4, 5) * (k + 1) + k for k in range(3)]
+    evaluate.recalibrate_bn(model, iter({"image": b} for b in batches), 3, "cpu")
+    means = torch.stack([b.mean((0, 2, 3)) for b in batches])
+    variances = torch.stack([b.transpose(0, 1).flatten(1).var(1) for b in batches])
+    assert torch.allclose(norm.running_mean, means.mean(0), atol=1e-6)
+    assert torch.allclose(norm.running_var, variances.mean(0), atol=1e-5)
+    assert norm.momentum == 0.3 and not model.training

@@ -14,7 +14,7 @@ its own teacher. One student S, one teacher T = EMA of S; per iteration:
 x_s is x_w with UniMatch's photometric strong view (colour jitter, grayscale, blur); V is the unlabeled padding
 mask. The teacher is evaluated and deployed, as in French et al.'s code (`eval_net = teacher_net`,
 `Britefury/cutmix-semisup-seg@af6183a train_seg_semisup_mask_mt.py:109`); the student's mIoU is logged beside it.
-Passes per iteration: 1 teacher forward (no gradient), 1 student forward + backward.
+Passes per iteration: 1 teacher forward (no gradient), 2 student forwards (x_l, x~) + 1 backward.
 
 Choices and differences from the two sources (each with its reason):
 - EMA: the decay ramps as min(1 - 1/(t+1), 0.99) (Tarvainen & Valpola's mean-teacher warm-up, the rule every
@@ -34,8 +34,11 @@ Choices and differences from the two sources (each with its reason):
   UniMatch's configs/cityscapes.yaml. CamVid/toy use 0.95 (ours). lambda_u = 1 with CE is ours: UniMatch
   averages (L_sup + L_u) / 2, which halves the learning rate of both terms, and French et al.'s weight 1
   (:622) multiplies a squared error between probabilities (their default cons_loss_fn 'var', :621), not a CE.
-- One student forward on [x_l; x~] (BN statistics over both, as the other methods here; UniMatch runs the
-  labeled and the mixed batch in separate forwards).
+- Two student forwards, x_l alone and x~ alone, so each batch is normalised by its own BN statistics, as French
+  et al.'s code (train_seg_semisup_mask_mt.py:299, :358) and UniMatch for the mixed batch (fixmatch.py:147;
+  UniMatch passes x_l with the weak view, :146, a forward this control does not need: the teacher labels x_w).
+  One backward of the sum (French et al. call backward per term: the same gradient). --joint-forward (ours,
+  an ablation): one forward on [x_l; x~], BN statistics over both, as the other methods here.
 - Schedule, optimiser, crops, evaluation: the field's conventions (UniMatch's configs) and this project's
   CamVid/toy CPU settings, as for every method (README, "Choices shared by every method").
 
@@ -62,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--lambda-u", type=float, default=1.0, help="weight of L_u (ours: 1)")
     parser.add_argument("--ema-decay", type=float, default=0.99, help="cap of the teacher's EMA decay ramp")
     parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM cross-entropy for L_sup")
+    parser.add_argument("--joint-forward", action="store_true", help="ours: one student forward on [labeled; "
+                        "mixed], BN statistics over both (default: two forwards, as French et al. and UniMatch)")
     args = cli.resolve_args(parser, PAPER_DEFAULTS, "mean_teacher", argv)
     if not 0.0 <= args.threshold <= 1.0 or not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--threshold must be in [0, 1] and --ema-decay in [0, 1), got {args.threshold}, "
@@ -97,8 +102,11 @@ def train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator,
     box = cutmix_box_mask(*label.shape, p=0.5, device=label.device)  # True = the partner's pixels
     x_mix, y_mix, c_mix, v_mix = (mix(box, t.roll(-1, 0), t) for t in (x_s, label, confidence, valid))
 
-    logits = student(torch.cat([x_l, x_mix]))
-    logits_l, logits_u = logits[:len(x_l)], logits[len(x_l):]
+    if args.joint_forward:  # ours: BN statistics over labeled and mixed images together
+        logits = student(torch.cat([x_l, x_mix]))
+        logits_l, logits_u = logits[:len(x_l)], logits[len(x_l):]
+    else:  # each batch normalised by its own statistics (train_seg_semisup_mask_mt.py:299, :358)
+        logits_l, logits_u = student(x_l), student(x_mix)
     if args.ohem:
         loss_sup = common.ohem_cross_entropy(logits_l, y_l)
     else:

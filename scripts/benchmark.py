@@ -49,8 +49,9 @@ L, U = 4, 4  # labeled and unlabeled images per iteration
 # 'train' = forward + backward + SGD step. 'senior' is SegKC's second architecture.
 PASSES = {
     "supervised": [("train", L, "net")],
-    # the EMA teacher on the weak view; the student on labeled + CutMixed strong view (mean_teacher.py)
-    "mean_teacher": [("fwd", U, "net"), ("train", L + U, "net")],
+    # the EMA teacher on the weak view; the student on the labeled and on the CutMixed strong view in separate
+    # passes (mean_teacher.py)
+    "mean_teacher": [("fwd", U, "net"), ("train", L, "net"), ("train", U, "net")],
     # teacher: pseudo-labels (eval, weak view) and confidence (train mode, labeled + mixed batch); assistant and
     # student each learn on labeled + mixed (the code's joint batch for BN statistics, gta_seg.py)
     "gta_seg": [("fwd", U, "net"), ("fwd", L + U, "net"), ("train", L + U, "net"), ("train", L + U, "net")],

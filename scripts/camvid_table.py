@@ -24,6 +24,7 @@ run folder records its command (command.txt); one made by another command than i
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -41,7 +42,8 @@ LITE0 = ["--backbone", "efficientnet_lite0"]
 ROWS = {
     "supervised_1-8": ("supervised", "1/8", LITE0, "labeled images only (the baseline)"),
     "supervised_full": ("supervised", "full", LITE0, "all 367 labels"),
-    "mean_teacher_1-8": ("mean_teacher", "1/8", LITE0, "the control: EMA teacher + CutMix pseudo-labels"),
+    "mean_teacher_1-8": ("mean_teacher", "1/8", LITE0, "the control: EMA teacher + CutMix pseudo-labels, labeled "
+                         "and mixed images in separate forwards (French et al.'s code)"),
     "gta_seg_1-8": ("gta_seg", "1/8", LITE0, "paper mode (EMA teacher evaluated)"),
     "dual_teacher_1-8": ("dual_teacher", "1/8", LITE0, "400-iteration shifts (student evaluated)"),
     "ctt_1-8": ("ctt", "1/8", LITE0, "paper's bank entry and switch-on rule (student A evaluated)"),
@@ -64,13 +66,18 @@ ABLATIONS = {
                             "HC/LC on from iteration 160 (10%) with the filled queue entries (ours: at 1,600 "
                             "iterations the bicyclist queues never fill, so the paper's rule never turns them on)",
                             "ctt_1-8"),
-    "mean_teacher_no_u_1-8": ("mean_teacher", "1/8", LITE0 + ["--lambda-u", "0"],
-                              "the control without L_u (lambda_u 0): its pipeline alone, BN over labeled + mixed "
-                              "strong views, no pseudo-label gradient (ours: a diagnostic)", "mean_teacher_1-8"),
+    "mean_teacher_joint_1-8": ("mean_teacher", "1/8", LITE0 + ["--joint-forward"],
+                               "one student forward on [labeled; mixed], BN statistics over both (ours, as the four "
+                               "methods here; French et al. and UniMatch normalise the mixed batch alone)",
+                               "mean_teacher_1-8"),
+    "mean_teacher_no_u_1-8": ("mean_teacher", "1/8", LITE0 + ["--joint-forward", "--lambda-u", "0"],
+                              "the joint-forward control without L_u (lambda_u 0): its pipeline alone, BN over labeled "
+                              "+ mixed strong views, no pseudo-label gradient (ours: a diagnostic)",
+                              "mean_teacher_joint_1-8"),
     "supervised_1-30": ("supervised", "1/30", LITE0, "13 labels (1/30): is there headroom where labels are scarcer? "
                         "(ours: a diagnostic)", "supervised_1-8"),
-    "mean_teacher_1-30": ("mean_teacher", "1/30", LITE0, "the control with 13 labels (1/30) (ours: a diagnostic)",
-                          "supervised_1-30"),
+    "mean_teacher_1-30": ("mean_teacher", "1/30", LITE0 + ["--joint-forward"], "the joint-forward control with 13 "
+                          "labels (1/30) (ours: a diagnostic)", "supervised_1-30"),
     "dual_teacher_shift40_1-8": ("dual_teacher", "1/8", LITE0 + ["--iters-per-epoch", "40"],
                                  "a shift per unlabeled pass: 40 iterations (our old default)", "dual_teacher_1-8"),
 }
@@ -108,11 +115,25 @@ def source(name: str, seed: int) -> Path | None:
     return None
 
 
+def recorded_command(folder: Path) -> str | None:
+    """The command that made a run: its command.txt, else the "command:" line of its log.txt (older archives)."""
+    if (folder / "command.txt").exists():
+        return (folder / "command.txt").read_text().strip()
+    logged = re.search(r" command: (.+)", (folder / "log.txt").read_text()) if (folder / "log.txt").exists() else None
+    return "python " + logged.group(1).strip() if logged else None
+
+
+def flag_groups(line: str) -> tuple:
+    """A command as (program and script, sorted [flag, values...] groups): the order of the flags does not matter."""
+    head, *groups = re.split(r" (?=--)", line.strip())
+    return head, sorted(groups)
+
+
 def stale(name: str, seed: int) -> bool:
-    """A run folder (or archive) made by another command than this row's current one (its command.txt)."""
+    """A run folder (or archive) made by another command than this row's current one (flags in any order)."""
     folder = source(name, seed)
-    recorded = folder / "command.txt" if folder is not None else None
-    return recorded is not None and recorded.exists() and recorded.read_text().strip() != " ".join(command(name, seed))
+    recorded = recorded_command(folder) if folder is not None else None
+    return recorded is not None and flag_groups(recorded) != flag_groups(" ".join(command(name, seed)))
 
 
 def finished(name: str, seed: int) -> bool:

@@ -76,16 +76,32 @@ def test_cutmix_mixes_image_label_confidence_and_padding_alike(accelerator, monk
     with torch.no_grad():
         confidence, label = teacher(bu["image"]).softmax(1).max(1)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99)
+    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
     mt.train_step(5, bl, bu, student, teacher, optimizer, accelerator, args)
     assert torch.equal(teacher.inputs[-1], bu["image"])
-    x_mix = student.inputs[0][2:]
+    assert torch.equal(student.inputs[0], bl["image"])  # two forwards: labeled, then mixed
+    x_mix = student.inputs[1]
     partner = lambda t: t.roll(-1, 0)  # noqa: E731
     for got, own in ((x_mix, bu["image_strong"]), (seen["target"], label), (seen["confidence"], confidence),
                      (seen["valid"], bu["valid"])):
         m = box if got.dim() == 3 else box[:, None].expand_as(got)
         assert torch.equal(got[m], partner(own)[m]) and torch.equal(got[~m], own[~m])
-    assert torch.equal(student.inputs[0][:2], bl["image"])  # one forward on [labeled; mixed]
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_labeled_batch_has_its_own_bn_statistics_unless_joint_forward(accelerator, joint):
+    """Default (French et al.): the labeled batch is normalised by its own BN statistics, so L_sup does not depend
+    on the unlabeled images. --joint-forward: one forward on [labeled; mixed], BN over both, so it does."""
+    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99, joint_forward=joint)
+    bl, bu = batches()
+    other = dict(bu, image_strong=bu["image_strong"] * 3 + 1)  # another strong view: other BN statistics
+    sups = []
+    for unlabeled in (bu, other):
+        student, teacher = Recorder(0), Recorder(1).eval()
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        sups.append(mt.train_step(5, bl, unlabeled, student, teacher, optimizer, accelerator, args)["loss_sup"])
+        assert len(student.inputs) == (1 if joint else 2)
+    assert torch.equal(sups[0], sups[1]) != joint
 
 
 def test_teacher_is_the_ema_of_parameters_and_bn_statistics(accelerator):
@@ -93,7 +109,7 @@ def test_teacher_is_the_ema_of_parameters_and_bn_statistics(accelerator):
     the two. The student's gradient never reaches the teacher."""
     student, teacher = Recorder(0), Recorder(1).eval()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    args = SimpleNamespace(ohem=False, threshold=0.0, lambda_u=1.0, ema_decay=0.99)
+    args = SimpleNamespace(ohem=False, threshold=0.0, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
     bl, bu = batches()
     terms = mt.train_step(0, bl, bu, student, teacher, optimizer, accelerator, args)
     for (name, t), s in zip(teacher.state_dict().items(), student.state_dict().values()):
@@ -110,7 +126,7 @@ def test_teacher_is_the_ema_of_parameters_and_bn_statistics(accelerator):
 
 def test_threshold_above_one_leaves_the_supervised_loss(accelerator):
     student, teacher = Recorder(0), Recorder(1).eval()
-    args = SimpleNamespace(ohem=False, threshold=1.0 + 1e-6, lambda_u=1.0, ema_decay=0.99)
+    args = SimpleNamespace(ohem=False, threshold=1.0 + 1e-6, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
     bl, bu = batches()
     terms = mt.train_step(3, bl, bu, student, teacher, torch.optim.SGD(student.parameters(), lr=0.1),
                           accelerator, args)
@@ -121,7 +137,8 @@ def test_defaults_per_dataset():
     """tau 0.95 and plain CE, except Cityscapes: tau 0 and OHEM (UniMatch's configs/cityscapes.yaml)."""
     for dataset, threshold, ohem in (("voc", 0.95, False), ("cityscapes", 0.0, True), ("camvid", 0.95, False)):
         args = mt.parse_args(["--dataset", dataset])
-        assert (args.threshold, args.ohem, args.ema_decay, args.lambda_u) == (threshold, ohem, 0.99, 1.0)
+        assert (args.threshold, args.ohem, args.ema_decay, args.lambda_u, args.joint_forward) == (
+            threshold, ohem, 0.99, 1.0, False)
     assert mt.parse_args(["--dataset", "cityscapes", "--threshold", "0.9"]).threshold == 0.9
 
 

@@ -107,6 +107,14 @@ def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
     assert camvid_table.finished("dual_teacher_1-8", 1) and not camvid_table.stale("dual_teacher_1-8", 1)
     text = camvid_table.report([0, 1], [0])
     assert "| 1/2 | - / 48.0 |" in text and "(delete to rerun): dual_teacher_1-8_s0" in text
+    # an older archive without command.txt is judged by the command line its log.txt begins with
+    (out / "command.txt").unlink()
+    (out / "log.txt").write_text("2026-12-02 10:07:47 command: methods/dual_teacher.py --iters-per-epoch 40\n")
+    assert camvid_table.stale("dual_teacher_1-8", 0)
+    script, *flags = camvid_table.command("dual_teacher_1-8", 0)[1:]  # the same flags in another order
+    shuffled = " ".join([script, *flags[-4:], *flags[:-4]])
+    (out / "log.txt").write_text(f"2026-12-02 10:07:47 command: {shuffled}\n2026-12-02 10:07:48 processes: 1\n")
+    assert not camvid_table.stale("dual_teacher_1-8", 0) and camvid_table.finished("dual_teacher_1-8", 0)
 
 
 def test_every_diagnostic_key_is_logged_by_some_method():

@@ -450,7 +450,10 @@ def strong_photometric(image: torch.Tensor, rng: np.random.Generator) -> torch.T
 def cutmix_box_mask(batch: int, height: int, width: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3),
                     device=None) -> torch.Tensor:
     """bool [B,H,W]: per image, with probability p, one box of area U(area) x H x W and aspect ratio U(ratio),
-    fully inside the image (UniMatch's obtain_cutmix_box); True = take the partner's pixels."""
+    fully inside the image; True = take the partner's pixels. UniMatch's obtain_cutmix_box
+    (LiheYoung/UniMatch@0324f3d dataset/transform.py:66-84, square crops only) redraws ratio and corner until the
+    box fits, which favours shapes that fit in more places; here one draw: the corner is uniform over the places
+    the box fits, and a side longer than the crop (a thin box on a non-square crop) is cut to the crop."""
     mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
     draws = torch.rand(batch, 5).tolist()
     for i, (u, a, r, y, x) in enumerate(draws):

@@ -29,7 +29,8 @@ Choices and differences from the two sources (each with its reason):
   mode, i.e. exactly as it labels.
 - CutMix partner: image i takes its box from image i+1 of the same unlabeled batch (the teacher labels it in the
   same pass); UniMatch draws a second unlabeled batch for the partner (one more teacher pass). The box rule is
-  UniMatch's obtain_cutmix_box (dataset/transform.py:66-84); French et al. paste one box of half the area.
+  UniMatch's obtain_cutmix_box (dataset/transform.py:66-84) in one draw instead of its rejection loop (it fits
+  non-square crops: datasets.cutmix_box_mask); French et al. paste one box of half the area.
 - Confidence threshold tau: 0.95 (UniMatch's configs/pascal.yaml; French et al. 0.97); 0 on Cityscapes as in
   UniMatch's configs/cityscapes.yaml. CamVid/toy use 0.95 (ours). lambda_u = 1 with CE is ours: UniMatch
   averages (L_sup + L_u) / 2, which halves the learning rate of both terms, and French et al.'s weight 1

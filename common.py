@@ -625,10 +625,14 @@ def claim_run_folder(args: argparse.Namespace, out: Path, is_main: bool) -> None
             saved = json.loads((out / "args.json").read_text())
         except (OSError, ValueError):
             sys.exit(f"--out {out} holds a run without a readable args.json; choose another --out, or --overwrite")
-        differ = sorted(k for k in current.keys() & saved.keys() - RUN_CONTROL_FLAGS - PROVENANCE_KEYS
-                        if current[k] != saved[k])
+        # a flag only one side knows (the code gained or lost it since) is a difference too: a run made before
+        # a new flag existed may have run what that flag's default no longer does
+        absent = "(absent)"
+        differ = sorted(k for k in (current.keys() | saved.keys()) - RUN_CONTROL_FLAGS - PROVENANCE_KEYS
+                        if current.get(k, absent) != saved.get(k, absent))
         if differ:
-            change = ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {current[k]}" for k in differ)
+            change = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, absent)} -> {current.get(k, absent)}"
+                               for k in differ)
             sys.exit(f"--out {out} holds a run with other arguments ({change}); choose another --out, or "
                      f"--overwrite to start over there")
     if not is_main:

@@ -39,7 +39,7 @@ Choices and differences from the two sources (each with its reason):
   et al.'s code (train_seg_semisup_mask_mt.py:299, :358) and UniMatch for the mixed batch (fixmatch.py:147;
   UniMatch passes x_l with the weak view, :146, a forward this control does not need: the teacher labels x_w).
   One backward of the sum (French et al. call backward per term: the same gradient). --joint-forward (ours,
-  an ablation): one forward on [x_l; x~], BN statistics over both, as the other methods here.
+  an ablation): one forward on [x_l; x~], BN statistics over both, as gta_seg.py, dual_teacher.py and ctt.py.
 - Schedule, optimiser, crops, evaluation: the field's conventions (UniMatch's configs) and this project's
   CamVid/toy CPU settings, as for every method (README, "Choices shared by every method").
 

@@ -50,7 +50,7 @@ L, U = 4, 4  # labeled and unlabeled images per iteration
 PASSES = {
     "supervised": [("train", L, "net")],
     # the EMA teacher on the weak view; the student on the labeled and on the CutMixed strong view in separate
-    # passes (mean_teacher.py)
+    # passes (mean_teacher.py; one backward and SGD step in the run, two here, as for segkc)
     "mean_teacher": [("fwd", U, "net"), ("train", L, "net"), ("train", U, "net")],
     # teacher: pseudo-labels (eval, weak view) and confidence (train mode, labeled + mixed batch); assistant and
     # student each learn on labeled + mixed (the code's joint batch for BN statistics, gta_seg.py)

@@ -67,8 +67,8 @@ ABLATIONS = {
                             "iterations the bicyclist queues never fill, so the paper's rule never turns them on)",
                             "ctt_1-8"),
     "mean_teacher_joint_1-8": ("mean_teacher", "1/8", LITE0 + ["--joint-forward"],
-                               "one student forward on [labeled; mixed], BN statistics over both (ours, as the four "
-                               "methods here; French et al. and UniMatch normalise the mixed batch alone)",
+                               "one student forward on [labeled; mixed], BN statistics over both (ours, as GTA-Seg, "
+                               "Dual Teacher and CTT here; French et al. and UniMatch normalise the mixed batch alone)",
                                "mean_teacher_1-8"),
     "mean_teacher_no_u_1-8": ("mean_teacher", "1/8", LITE0 + ["--joint-forward", "--lambda-u", "0"],
                               "the joint-forward control without L_u (lambda_u 0): its pipeline alone, BN over labeled "

@@ -167,6 +167,19 @@ def test_other_arguments_are_refused_naming_the_flags(stopped_run, tmp_path):
     assert (out / "args.json").read_text() == before
 
 
+def test_a_run_made_before_a_flag_existed_is_refused(stopped_run, tmp_path):
+    """args.json without a key today's code has (here: --ohem, as if the run predated it) and with one it no longer
+    has: the run may have done what neither default does now, so it is not continued."""
+    out = copy_of(stopped_run, tmp_path)
+    saved = json.loads((out / "args.json").read_text())
+    saved.pop("ohem")
+    saved["retired_flag"] = 1
+    (out / "args.json").write_text(json.dumps(saved))
+    result = run_method("supervised.py", [*RUN, "--out", str(out)], check=False)
+    assert result.returncode != 0
+    assert "--ohem (absent) -> False" in last_line(result) and "--retired-flag 1 -> (absent)" in last_line(result)
+
+
 def test_overwrite_starts_over_and_args_record_the_code(stopped_run, tmp_path):
     out = copy_of(stopped_run, tmp_path)
     run_method("supervised.py", [*RUN, "--out", str(out), "--lr", "0.02", "--overwrite"])

@@ -22,6 +22,7 @@ run folder records its command (command.txt); one made by another command than i
   python scripts/camvid_table.py --report-only                     # rebuild results/ from what exists
 """
 import argparse
+import functools
 import json
 import math
 import re
@@ -129,11 +130,34 @@ def flag_groups(line: str) -> tuple:
     return head, sorted(groups)
 
 
+@functools.lru_cache(maxsize=None)
+def expected_args(name: str, seed: int) -> str:
+    """The arguments this row's command resolves to with today's code and defaults (the method's own parser), as
+    JSON, without the flags that do not change a run and without --data-root (a path of this machine)."""
+    import importlib
+    import common
+    args = vars(importlib.import_module(f"methods.{ALL[name][0]}").parse_args(command(name, seed)[2:]))
+    return json.dumps(without_local_keys(json.loads(json.dumps(args, default=str)), common), sort_keys=True)
+
+
+def without_local_keys(args: dict, common) -> dict:
+    return {k: v for k, v in args.items() if k not in common.RUN_CONTROL_FLAGS | common.PROVENANCE_KEYS | {"data_root"}}
+
+
 def stale(name: str, seed: int) -> bool:
-    """A run folder (or archive) made by another command than this row's current one (flags in any order)."""
+    """A run folder (or archive) made by another command than this row's current one (flags in any order), or
+    whose args.json is not what that command means today (a default changed, a flag was added or removed)."""
     folder = source(name, seed)
-    recorded = recorded_command(folder) if folder is not None else None
-    return recorded is not None and flag_groups(recorded) != flag_groups(" ".join(command(name, seed)))
+    if folder is None:
+        return False
+    recorded = recorded_command(folder)
+    if recorded is not None and flag_groups(recorded) != flag_groups(" ".join(command(name, seed))):
+        return True
+    if not (folder / "args.json").exists():
+        return False
+    import common
+    saved = without_local_keys(json.loads((folder / "args.json").read_text()), common)
+    return json.dumps(saved, sort_keys=True) != expected_args(name, seed)
 
 
 def finished(name: str, seed: int) -> bool:

@@ -610,6 +610,17 @@ def run_in_folder(out: Path) -> bool:
     return any((out / name).exists() for name in ("checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl"))
 
 
+ABSENT = "(absent)"
+
+
+def changed_args(current: dict, saved: dict, ignore=frozenset()) -> list[str]:
+    """The argument names whose values differ between two runs' records (RUN_CONTROL_FLAGS, provenance and `ignore`
+    aside). A flag only one side knows counts: a run made before a flag existed may have run what its default no
+    longer does."""
+    keys = (current.keys() | saved.keys()) - RUN_CONTROL_FLAGS - PROVENANCE_KEYS - set(ignore)
+    return sorted(k for k in keys if current.get(k, ABSENT) != saved.get(k, ABSENT))
+
+
 def claim_run_folder(args: argparse.Namespace, out: Path, is_main: bool) -> None:
     """A run folder belongs to one set of arguments. A used folder is continued only with the same arguments
     (RUN_CONTROL_FLAGS aside), started over only with --overwrite, and never silently replaced; a folder this
@@ -625,13 +636,9 @@ def claim_run_folder(args: argparse.Namespace, out: Path, is_main: bool) -> None
             saved = json.loads((out / "args.json").read_text())
         except (OSError, ValueError):
             sys.exit(f"--out {out} holds a run without a readable args.json; choose another --out, or --overwrite")
-        # a flag only one side knows (the code gained or lost it since) is a difference too: a run made before
-        # a new flag existed may have run what that flag's default no longer does
-        absent = "(absent)"
-        differ = sorted(k for k in (current.keys() | saved.keys()) - RUN_CONTROL_FLAGS - PROVENANCE_KEYS
-                        if current.get(k, absent) != saved.get(k, absent))
+        differ = changed_args(current, saved)
         if differ:
-            change = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, absent)} -> {current.get(k, absent)}"
+            change = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, ABSENT)} -> {current.get(k, ABSENT)}"
                                for k in differ)
             sys.exit(f"--out {out} holds a run with other arguments ({change}); choose another --out, or "
                      f"--overwrite to start over there")

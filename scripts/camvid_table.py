@@ -131,17 +131,12 @@ def flag_groups(line: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def expected_args(name: str, seed: int) -> str:
+def expected_args(name: str, seed: int) -> dict:
     """The arguments this row's command resolves to with today's code and defaults (the method's own parser), as
-    JSON, without the flags that do not change a run and without --data-root (a path of this machine)."""
+    args.json records them. Not to be modified (cached)."""
     import importlib
-    import common
     args = vars(importlib.import_module(f"methods.{ALL[name][0]}").parse_args(command(name, seed)[2:]))
-    return json.dumps(without_local_keys(json.loads(json.dumps(args, default=str)), common), sort_keys=True)
-
-
-def without_local_keys(args: dict, common) -> dict:
-    return {k: v for k, v in args.items() if k not in common.RUN_CONTROL_FLAGS | common.PROVENANCE_KEYS | {"data_root"}}
+    return json.loads(json.dumps(args, default=str))
 
 
 def stale(name: str, seed: int) -> bool:
@@ -156,8 +151,8 @@ def stale(name: str, seed: int) -> bool:
     if not (folder / "args.json").exists():
         return False
     import common
-    saved = without_local_keys(json.loads((folder / "args.json").read_text()), common)
-    return json.dumps(saved, sort_keys=True) != expected_args(name, seed)
+    saved = json.loads((folder / "args.json").read_text())
+    return bool(common.changed_args(expected_args(name, seed), saved, ignore={"data_root"}))  # a path of a machine
 
 
 def finished(name: str, seed: int) -> bool:

@@ -116,7 +116,7 @@ def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
     (out / "log.txt").write_text(f"2026-12-02 10:07:47 command: {shuffled}\n2026-12-02 10:07:48 processes: 1\n")
     assert not camvid_table.stale("dual_teacher_1-8", 0) and camvid_table.finished("dual_teacher_1-8", 0)
     # the same command, but its args.json says a default it no longer has (or lacks a flag it has now): stale
-    today = json.loads(camvid_table.expected_args("dual_teacher_1-8", 0))
+    today = dict(camvid_table.expected_args("dual_teacher_1-8", 0))
     (out / "args.json").write_text(json.dumps({**today, "data_root": "/elsewhere", "out": "x", "versions": {}}))
     assert not camvid_table.stale("dual_teacher_1-8", 0)  # machine-local and provenance keys do not count
     for changed in ({**today, "lr": today["lr"] / 2}, {k: v for k, v in today.items() if k != "ema_step"}):

@@ -934,36 +934,48 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
     confidence passes the method's rule and the pixel accuracy of those pixels. `rule` is a threshold on the
     max softmax (pixels >= rule pass) or a function confidence [B,H,W] -> bool mask. The share depends on each
     method's rule, so the accuracy over *all* labeled pixels (pseudo_acc_all) is logged too: the one figure
-    comparable across methods. Default: eval mode, one image at a time. train_batch=B, for a network that
-    labels in train mode: train mode (BN batch statistics) on batches of B probe images (whole images of one
-    size), and every buffer (BN running statistics, counters) restored afterwards, so the probe changes nothing."""
+    comparable across methods. `probe_per_class` says which classes the pseudo-labels teach: per ground-truth
+    class the share of its pixels that pass and the accuracy of those, and per predicted class its share of all
+    passing pixels (what a loss on the passing pixels trains towards). Default: eval mode, one image at a time.
+    train_batch=B, for a network that labels in train mode: train mode (BN batch statistics) on batches of B probe
+    images (whole images of one size), and every buffer (BN running statistics, counters) restored afterwards, so
+    the probe changes nothing."""
     if len(data.probe_set) == 0:
         return {}
     was_training = network.training
     saved = [b.clone() for b in network.buffers()] if train_batch else None
     network.train(bool(train_batch))
-    counts = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # valid, passed, correct, all correct
+    # per class: valid, passed, passed and correct, all correct (by ground truth), passed (by predicted label)
+    classes = getattr(data, "num_classes", None)
+    counts = torch.zeros(5, classes, dtype=torch.float64, device=accelerator.device) if classes else None
     mine = list(range(accelerator.process_index, len(data.probe_set), accelerator.num_processes))
     for k in range(0, len(mine), train_batch or 1):
         samples = [data.probe_set[i] for i in mine[k:k + (train_batch or 1)]]
         image = torch.stack([s["image"] for s in samples]).to(accelerator.device)
         gt = torch.stack([s["mask"] for s in samples]).to(accelerator.device)
         with accelerator.autocast():
-            confidence, label = network(image).float().softmax(1).max(1)
+            probs = network(image).float().softmax(1)
+        confidence, label = probs.max(1)
         valid = gt != IGNORE_INDEX
         passed = valid & (rule(confidence) if callable(rule) else confidence >= rule)
         correct = valid & (label == gt)
-        counts += torch.stack([valid.sum(), passed.sum(), (passed & correct).sum(), correct.sum()]).double()
+        batch_counts = torch.stack([torch.bincount(values, minlength=probs.shape[1]) for values in (
+            gt[valid], gt[passed], gt[passed & correct], gt[correct], label[passed])]).double()
+        counts = batch_counts if counts is None else counts + batch_counts
     if saved is not None:
         for b, value in zip(network.buffers(), saved):
             b.copy_(value)
     network.train(was_training)
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")
-    valid, passed, correct, all_correct = counts.tolist()
+    valid, passed, correct, all_correct, _ = counts.sum(1).tolist()
+    names = getattr(data, "class_names", None) or [str(c) for c in range(counts.shape[1])]
+    per_class = {name: {"share": round(100 * p / max(v, 1), 3), "acc": round(100 * r / max(p, 1), 3),
+                        "target_share": round(100 * t / max(passed, 1), 3)}
+                 for name, (v, p, r, _, t) in zip(names, counts.t().tolist())}
     return {"pseudo_acc": round(100 * correct / max(passed, 1), 3),
             "pseudo_share": round(100 * passed / max(valid, 1), 3),
-            "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3)}
+            "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3), "probe_per_class": per_class}
 
 
 def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, model: nn.Module,

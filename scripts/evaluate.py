@@ -6,6 +6,10 @@ evaluator: same dataset, mode and mIoU code. Works in one process or under `acce
 --recalibrate-bn K (a diagnostic) first replaces every BatchNorm's running statistics by their average over K
 train-mode forwards of labeled training crops (the weak view, no gradient; each process its own), i.e. the statistics
 a supervised-only run collects: it shows how much of a score the statistics of the unlabeled views cost.
+
+--probe TAU (a diagnostic) also scores the saved network as a pseudo-labeller, the training runs' probe: on the fixed
+sample of unlabeled training images (their ground truth read for this only), in eval mode, the pixels whose confidence
+is >= TAU, overall and per class (which classes a loss on those pixels would teach, and how right it is on each).
 """
 import argparse
 import sys
@@ -46,7 +50,11 @@ def main():
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="K",
                         help="diagnostic: first recompute BatchNorm statistics from K batches of labeled crops")
     parser.add_argument("--save-confusion", help="write the summed confusion matrix (torch.save) here")
+    parser.add_argument("--probe", type=float, metavar="TAU",
+                        help="diagnostic: also probe the network's pseudo-labels at confidence >= TAU (in [0, 1])")
     cli = parser.parse_args()
+    if cli.probe is not None and not 0.0 <= cli.probe <= 1.0:
+        parser.error(f"--probe must be a confidence in [0, 1], got {cli.probe}")
     saved = common.load_weights(cli.weights)  # tensors and plain values only: no code from the file runs
     args = SimpleNamespace(**saved["args"])
     args.num_workers, args.log_with = cli.num_workers, None
@@ -64,10 +72,20 @@ def main():
     if cli.recalibrate_bn > 0:
         recalibrate_bn(model, data.labeled_stream(0), cli.recalibrate_bn, accelerator.device)
     result = common.evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, args.crop_size)
+    probe = common.pseudo_label_probe(model, data, accelerator, cli.probe) if cli.probe is not None else None
     if accelerator.is_main_process:
         recalibrated = f", BatchNorm statistics from {cli.recalibrate_bn} labeled batches" if cli.recalibrate_bn else ""
         print(f"mIoU ({args.eval_mode}, {len(data.val_set)} val images{recalibrated}): {result['miou']:.2f}")
         print("per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
+        if probe == {}:
+            print(f"no probe: {args.dataset} has no sample of unlabeled training images with ground truth")
+        if probe:
+            print(f"probe ({len(data.probe_set)} unlabeled training images, confidence >= {cli.probe}): "
+                  f"{probe['pseudo_share']:.1f}% of the pixels pass, {probe['pseudo_acc']:.1f}% of them right; "
+                  f"{probe['pseudo_acc_all']:.1f}% of all pixels right")
+            print("per class: share passing / accuracy of those / share of all passing pixels: " + ", ".join(
+                f"{n} {v['share']:.1f} / {v['acc']:.1f} / {v['target_share']:.1f}"
+                for n, v in probe["probe_per_class"].items()))
         if cli.save_confusion:
             torch.save(result["confusion"], cli.save_confusion)
 

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY, assert_resume_equivalent, read_metrics, run_method
@@ -22,24 +23,35 @@ def test_supervised_single_process(tmp_path):
     weights = torch.load(out / "model_last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in weights["model"])
     assert "done: best mIoU" in result.stdout + result.stderr
+    # scripts/evaluate.py --probe 0.95 on the last weights: the run's own last probe (the baseline's 0.95 rule)
+    printed = run_method("../scripts/evaluate.py", ["--weights", str(out / "model_last.pt"), "--num-workers", "0",
+                                                    "--probe", "0.95"]).stdout
+    last = metrics[-1]
+    assert (f"{last['pseudo_share']:.1f}% of the pixels pass, {last['pseudo_acc']:.1f}% of them right; "
+            f"{last['pseudo_acc_all']:.1f}% of all pixels right") in printed
+    assert ", ".join(f"{n} {v['share']:.1f} / {v['acc']:.1f} / {v['target_share']:.1f}"
+                     for n, v in last["probe_per_class"].items()) in printed
+    assert sum(v["target_share"] for v in last["probe_per_class"].values()) == pytest.approx(
+        100.0 if last["pseudo_share"] > 0 else 0.0, abs=0.01)
 
 
 def test_supervised_two_processes_same_confusion_as_one(tmp_path):
     """Train in 2 processes; then evaluate the saved weights in 1 and in 2 processes: exactly the same
-    confusion matrix (each val image counted once, sums across processes)."""
+    confusion matrix (each val image counted once, sums across processes), and with --probe the same pseudo-label
+    probe, per class included (each probe image counted once)."""
     out = tmp_path / "run2"
     run_method("supervised.py", [*TINY, "--iters", "2", "--eval-every", "2", "--out", str(out)], processes=2)
     assert (out / "checkpoints" / "last" / "random_states_1.pkl").exists()  # really two processes
     weights = out / "model_last.pt"
     one = tmp_path / "cm1.pt"
     two = tmp_path / "cm2.pt"
-    run_method("../scripts/evaluate.py", ["--weights", str(weights), "--save-confusion", str(one),
-                                          "--num-workers", "0"])
-    run_method("../scripts/evaluate.py", ["--weights", str(weights), "--save-confusion", str(two),
-                                          "--num-workers", "0"], processes=2)
+    printed = [run_method("../scripts/evaluate.py", ["--weights", str(weights), "--save-confusion", str(path),
+                                                     "--num-workers", "0", "--probe", "0.95"], processes=n).stdout
+               for path, n in ((one, 1), (two, 2))]
     cm1, cm2 = torch.load(one), torch.load(two)
     assert cm1.sum() == 48 * 64 * 80  # every toy val pixel once (toy has no ignore pixels)
     assert torch.equal(cm1, cm2)
+    assert "probe (32 unlabeled training images" in printed[0] and printed[0] == printed[1]
 
 
 def test_supervised_resume_is_exact(tmp_path):

@@ -935,8 +935,8 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
     max softmax (pixels >= rule pass) or a function confidence [B,H,W] -> bool mask. The share depends on each
     method's rule, so the accuracy over *all* labeled pixels (pseudo_acc_all) is logged too: the one figure
     comparable across methods. `probe_per_class` says which classes the pseudo-labels teach: per ground-truth
-    class the share of its pixels that pass and the accuracy of those, and per predicted class its share of all
-    passing pixels (what a loss on the passing pixels trains towards). Default: eval mode, one image at a time.
+    class its share of all pixels, the share of its pixels that pass and the accuracy of those, and per predicted
+    class its share of all passing pixels (what a loss on the passing pixels trains towards). Default: eval mode, one image at a time.
     train_batch=B, for a network that labels in train mode: train mode (BN batch statistics) on batches of B probe
     images (whole images of one size), and every buffer (BN running statistics, counters) restored afterwards, so
     the probe changes nothing."""
@@ -970,8 +970,8 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
         counts = accelerator.reduce(counts, reduction="sum")
     valid, passed, correct, all_correct, _ = counts.sum(1).tolist()
     names = getattr(data, "class_names", None) or [str(c) for c in range(counts.shape[1])]
-    per_class = {name: {"share": round(100 * p / max(v, 1), 3), "acc": round(100 * r / max(p, 1), 3),
-                        "target_share": round(100 * t / max(passed, 1), 3)}
+    per_class = {name: {"pixels": round(100 * v / max(valid, 1), 3), "share": round(100 * p / max(v, 1), 3),
+                        "acc": round(100 * r / max(p, 1), 3), "target_share": round(100 * t / max(passed, 1), 3)}
                  for name, (v, p, r, _, t) in zip(names, counts.t().tolist())}
     return {"pseudo_acc": round(100 * correct / max(passed, 1), 3),
             "pseudo_share": round(100 * passed / max(valid, 1), 3),

@@ -29,8 +29,9 @@ def test_supervised_single_process(tmp_path):
     last = metrics[-1]
     assert (f"{last['pseudo_share']:.1f}% of the pixels pass, {last['pseudo_acc']:.1f}% of them right; "
             f"{last['pseudo_acc_all']:.1f}% of all pixels right") in printed
-    assert ", ".join(f"{n} {v['share']:.1f} / {v['acc']:.1f} / {v['target_share']:.1f}"
+    assert ", ".join(f"{n} {v['pixels']:.1f} / {v['share']:.1f} / {v['acc']:.1f} / {v['target_share']:.1f}"
                      for n, v in last["probe_per_class"].items()) in printed
+    assert sum(v["pixels"] for v in last["probe_per_class"].values()) == pytest.approx(100.0, abs=0.01)
     assert sum(v["target_share"] for v in last["probe_per_class"].values()) == pytest.approx(
         100.0 if last["pseudo_share"] > 0 else 0.0, abs=0.01)
 

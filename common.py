@@ -936,10 +936,10 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
     method's rule, so the accuracy over *all* labeled pixels (pseudo_acc_all) is logged too: the one figure
     comparable across methods. `probe_per_class` says which classes the pseudo-labels teach: per ground-truth
     class its share of all pixels, the share of its pixels that pass and the accuracy of those, and per predicted
-    class its share of all passing pixels (what a loss on the passing pixels trains towards). Default: eval mode, one image at a time.
-    train_batch=B, for a network that labels in train mode: train mode (BN batch statistics) on batches of B probe
-    images (whole images of one size), and every buffer (BN running statistics, counters) restored afterwards, so
-    the probe changes nothing."""
+    class its share of all passing pixels (what a loss on the passing pixels trains towards). Default: eval mode,
+    one image at a time. train_batch=B, for a network that labels in train mode: train mode (BN batch statistics)
+    on batches of B probe images (whole images of one size), and every buffer (BN running statistics, counters)
+    restored afterwards, so the probe changes nothing."""
     if len(data.probe_set) == 0:
         return {}
     was_training = network.training

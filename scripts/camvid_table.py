@@ -295,6 +295,19 @@ def report(seeds: list, ablation_seeds: list) -> str:
             if runs:
                 lines.append(f"| {name} | " + " | ".join(
                     f"{statistics.mean(r['last']['iou'][c] for r in runs.values()):.1f}" for c in classes) + " |")
+        probed = {name: [r["last"]["probe_per_class"] for r in runs.values() if "probe_per_class" in r["last"]]
+                  for name, runs in data.items()}
+        if any(probed.values()):
+            lines += ["", "Pseudo-labels per class (the probe's `probe_per_class` at the last evaluation, mean over "
+                      "the seeds that log it, older runs do not): % of the class's pixels that pass the method's "
+                      "rule / % of those that are right; `python scripts/evaluate.py --weights ... --probe TAU` "
+                      "gives it for saved weights.", "", "| row | seeds | " + " | ".join(classes) + " |",
+                      "| --- | --- |" + " --- |" * len(classes)]
+            for name, per_class in probed.items():
+                if per_class:
+                    lines.append(f"| {name} | {len(per_class)} | " + " | ".join(
+                        f"{statistics.mean(p[c]['share'] for p in per_class):.0f} / "
+                        f"{statistics.mean(p[c]['acc'] for p in per_class):.0f}" for c in classes) + " |")
     lines += ["", "Pictures: `camvid_table.png` (last mIoU per row, a dot per seed), `camvid_miou.png` (val mIoU "
               "over training, mean over seeds), `camvid_probe_all.png` (probe accuracy over training), "
               "`camvid_overlays.png` (3 val images, their ground truth and every row's prediction with its last "

@@ -65,6 +65,12 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
         {"iteration": 400, "miou": 20.0, "best_miou": 20.0, "iou": {"sky": 1.0, "road": 1.0}}) + "\n")
     _fake_run("ctt_no_contrast_1-8", 0, [20.0, 41.5])
     _fake_run("dual_teacher_1-8", 0, [20.0, 42.0], ema_a_max=0.99, teacher_lag=96.57)
+    for seed, share in ((0, 30.0), (1, 50.0)):  # the per-class probe, logged by two of the three control seeds
+        path = camvid_table.run_dir("mean_teacher_1-8", seed) / "metrics.jsonl"
+        *earlier, record = [json.loads(x) for x in path.read_text().splitlines()]
+        record["probe_per_class"] = {"sky": {"pixels": 60.0, "share": share, "acc": 99.0, "target_share": 90.0},
+                                     "road": {"pixels": 40.0, "share": 5.0, "acc": 10.0 * seed, "target_share": 10.0}}
+        path.write_text("".join(json.dumps(r) + "\n" for r in [*earlier, record]))
     text = camvid_table.report([0, 1, 2], [0, 1])
     assert text == (tmp_path / "results" / "camvid.md").read_text()
     row = lambda name: next(x for x in text.splitlines() if x.startswith(f"| {name} |"))  # noqa: E731
@@ -79,6 +85,8 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     # a decay of 0.99 is not rounded to 1.0 (fractions keep 3 digits), a lag in steps keeps 1
     assert "| dual_teacher_1-8 | pseudo_share 50.0; ema_a_max 0.990; teacher_lag 96.6 |" in text
     assert "| supervised_1-8 | 41.0 | 20.5 |" in text  # per-class IoU, mean over seeds
+    # per-class probe: share passing / accuracy, mean over the seeds that log it; rows without it are left out
+    assert "| mean_teacher_1-8 | 2 | 40 / 99 | 5 / 5 |" in text and "| supervised_1-8 | 3 |" not in text
     assert "--seed 0 --out runs/camvid/ctt_1-8_s0" in text and "gta_seg_1-8_s0" not in text
     for png in ("camvid_table.png", "camvid_miou.png", "camvid_probe_all.png"):
         assert (tmp_path / "results" / png).is_file(), png

@@ -945,9 +945,9 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
     was_training = network.training
     saved = [b.clone() for b in network.buffers()] if train_batch else None
     network.train(bool(train_batch))
-    # per class: valid, passed, passed and correct, all correct (by ground truth), passed (by predicted label)
-    classes = getattr(data, "num_classes", None)
-    counts = torch.zeros(5, classes, dtype=torch.float64, device=accelerator.device) if classes else None
+    # per class: valid, passed, passed and correct, all correct (by ground truth), passed (by predicted label);
+    # sized up front, so a process without probe images adds zeros of the same shape
+    counts = torch.zeros(5, data.num_classes, dtype=torch.float64, device=accelerator.device)
     mine = list(range(accelerator.process_index, len(data.probe_set), accelerator.num_processes))
     for k in range(0, len(mine), train_batch or 1):
         samples = [data.probe_set[i] for i in mine[k:k + (train_batch or 1)]]
@@ -955,13 +955,15 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
         gt = torch.stack([s["mask"] for s in samples]).to(accelerator.device)
         with accelerator.autocast():
             probs = network(image).float().softmax(1)
+        if probs.shape[1] != data.num_classes:
+            raise ValueError(f"pseudo_label_probe: the network predicts {probs.shape[1]} classes, the data has "
+                             f"{data.num_classes}")
         confidence, label = probs.max(1)
         valid = gt != IGNORE_INDEX
         passed = valid & (rule(confidence) if callable(rule) else confidence >= rule)
         correct = valid & (label == gt)
-        batch_counts = torch.stack([torch.bincount(values, minlength=probs.shape[1]) for values in (
+        counts += torch.stack([torch.bincount(values, minlength=data.num_classes) for values in (
             gt[valid], gt[passed], gt[passed & correct], gt[correct], label[passed])]).double()
-        counts = batch_counts if counts is None else counts + batch_counts
     if saved is not None:
         for b, value in zip(network.buffers(), saved):
             b.copy_(value)
@@ -969,10 +971,11 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     valid, passed, correct, all_correct, _ = counts.sum(1).tolist()
-    names = getattr(data, "class_names", None) or [str(c) for c in range(counts.shape[1])]
+    names = getattr(data, "class_names", None) or [str(c) for c in range(data.num_classes)]
     per_class = {name: {"pixels": round(100 * v / max(valid, 1), 3), "share": round(100 * p / max(v, 1), 3),
-                        "acc": round(100 * r / max(p, 1), 3), "target_share": round(100 * t / max(passed, 1), 3)}
-                 for name, (v, p, r, _, t) in zip(names, counts.t().tolist())}
+                        "acc": round(100 * r / p, 3) if p else None,  # None: no pixel of the class passed
+                        "target_share": round(100 * t / passed, 3) if passed else None}
+                 for name, (v, p, r, _, t) in zip(names, counts.t().tolist(), strict=True)}
     return {"pseudo_acc": round(100 * correct / max(passed, 1), 3),
             "pseudo_share": round(100 * passed / max(valid, 1), 3),
             "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3), "probe_per_class": per_class}

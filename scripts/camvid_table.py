@@ -208,6 +208,10 @@ def paired_gain(a: dict, b: dict) -> str:
     return f"{mean:+.1f} ± {sd:.1f}" + side
 
 
+def mean_or_dash(values: list) -> str:
+    return f"{statistics.mean(values):.0f}" if values else "-"
+
+
 def collect(name: str, seeds: list) -> dict:
     """Per seed: the last metrics record, the mIoU curve and the median training s/iter, for finished runs."""
     runs = {}
@@ -306,8 +310,8 @@ def report(seeds: list, ablation_seeds: list) -> str:
             for name, per_class in probed.items():
                 if per_class:
                     lines.append(f"| {name} | {len(per_class)} | " + " | ".join(
-                        f"{statistics.mean(p[c]['share'] for p in per_class):.0f} / "
-                        f"{statistics.mean(p[c]['acc'] for p in per_class):.0f}" for c in classes) + " |")
+                        f"{statistics.mean(p[c]['share'] for p in per_class):.0f} / " + mean_or_dash(
+                            [p[c]["acc"] for p in per_class if p[c]["acc"] is not None]) for c in classes) + " |")
     lines += ["", "Pictures: `camvid_table.png` (last mIoU per row, a dot per seed), `camvid_miou.png` (val mIoU "
               "over training, mean over seeds), `camvid_probe_all.png` (probe accuracy over training), "
               "`camvid_overlays.png` (3 val images, their ground truth and every row's prediction with its last "

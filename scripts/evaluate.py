@@ -83,9 +83,9 @@ def main():
             print(f"probe ({len(data.probe_set)} unlabeled training images, confidence >= {cli.probe}): "
                   f"{probe['pseudo_share']:.1f}% of the pixels pass, {probe['pseudo_acc']:.1f}% of them right; "
                   f"{probe['pseudo_acc_all']:.1f}% of all pixels right")
-            print("per class, % (of all pixels / of its pixels passing / of those right / of all passing): " +
-                  ", ".join(f"{n} {v['pixels']:.1f} / {v['share']:.1f} / {v['acc']:.1f} / {v['target_share']:.1f}"
-                            for n, v in probe["probe_per_class"].items()))
+            print("per class, % (of all pixels / of its pixels passing / of those right / of all passing; - = none "
+                  "passed): " + ", ".join(f"{n} " + " / ".join("-" if v[k] is None else f"{v[k]:.1f}" for k in (
+                      "pixels", "share", "acc", "target_share")) for n, v in probe["probe_per_class"].items()))
         if cli.save_confusion:
             torch.save(result["confusion"], cli.save_confusion)
 

@@ -725,7 +725,7 @@ def test_pseudo_label_probe_closed_form(accelerator):
     logits = torch.zeros(2, 1, 4)
     logits[label, 0, torch.arange(4)] = logit
     gt = torch.tensor([[[0, 0, 1, 255]]])  # pixel 1 wrong, pixel 3 ignored
-    data = SimpleNamespace(probe_set=[{"image": torch.zeros(3, 1, 4), "mask": gt[0]}])
+    data = SimpleNamespace(probe_set=[{"image": torch.zeros(3, 1, 4), "mask": gt[0]}], num_classes=2)
     out = common.pseudo_label_probe(_FixedLogits(logits), data, accelerator, 0.8)
     # valid = 3 pixels; pass 0.8: pixels 0 and 2 (both right); all-pixel: 2 of 3 right
     two_thirds, one_third = pytest.approx(66.667, abs=1e-3), pytest.approx(33.333, abs=1e-3)
@@ -740,7 +740,13 @@ def test_pseudo_label_probe_closed_form(accelerator):
     names = SimpleNamespace(probe_set=data.probe_set, num_classes=2, class_names=["sky", "road"])
     assert common.pseudo_label_probe(_FixedLogits(logits), names, accelerator, lambda c: c < 0.8)[
         "probe_per_class"] == {"sky": {"pixels": two_thirds, "share": 50.0, "acc": 0.0, "target_share": 0.0},
-                               "road": {"pixels": one_third, "share": 0.0, "acc": 0.0, "target_share": 100.0}}
+                               "road": {"pixels": one_third, "share": 0.0, "acc": None, "target_share": 100.0}}
+    # nothing passes: no accuracy and no target to report (None), not 0
+    assert common.pseudo_label_probe(_FixedLogits(logits), names, accelerator, 1.0)["probe_per_class"]["sky"] == {
+        "pixels": two_thirds, "share": 0.0, "acc": None, "target_share": None}
+    with pytest.raises(ValueError, match="predicts 2 classes, the data has 3"):
+        common.pseudo_label_probe(_FixedLogits(logits), SimpleNamespace(probe_set=data.probe_set, num_classes=3),
+                                  accelerator, 0.8)
     assert common.pseudo_label_probe(_FixedLogits(logits), SimpleNamespace(probe_set=[]), accelerator, 0.8) == {}
 
 

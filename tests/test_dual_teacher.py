@@ -418,7 +418,7 @@ def test_probe_in_train_mode_as_the_teacher_labels(accelerator):
                  for _ in range(6)]
     for sample in probe_set:
         sample["mask"][:3] = 255
-    data = SimpleNamespace(probe_set=probe_set)
+    data = SimpleNamespace(probe_set=probe_set, num_classes=K)
     results = {}
     for was_training in (True, False):
         net.train(was_training)

@@ -10,6 +10,9 @@ a supervised-only run collects: it shows how much of a score the statistics of t
 --probe TAU (a diagnostic) also scores the saved network as a pseudo-labeller, the training runs' probe: on the fixed
 sample of unlabeled training images (their ground truth read for this only), in eval mode, the pixels whose confidence
 is >= TAU, overall and per class (which classes a loss on those pixels would teach, and how right it is on each).
+The saved network is the method's evaluated one: the pseudo-labeller for supervised, the mean teacher and GTA-Seg
+(their teachers), not for Dual Teacher and CTT (students) or SegKC (the junior, taught by its senior), whose runs log
+their pseudo-labeller's probe during training.
 """
 import argparse
 import sys

@@ -86,6 +86,14 @@ ABLATIONS = {
                                  "a shift per unlabeled pass: 40 iterations (our old default)", "dual_teacher_1-8"),
 }
 ALL = {**{k: v[:3] for k, v in ROWS.items()}, **{k: v[:3] for k, v in ABLATIONS.items()}}
+# An ablation that, while a logged condition holds in its default row's run, is the same computation as that run:
+# the table shows that run for it, marked, instead of spending the 40 minutes again; its own run, where one exists,
+# is used instead. row -> (the row whose run it is, the condition on that run's last record, what the condition
+# means). ctt_no_contrast: until the banks fill, HC/LC are not in the loss and the bank updates draw nothing, so
+# --lambda-hc 0 --lambda-lc 0 trains bit for bit the same (tests/test_ctt.py, test_until_the_banks_fill_...).
+SAME_RUN_AS = {"ctt_no_contrast_1-8": (
+    "ctt_1-8", lambda last: last.get("banks_ready") is False and last.get("contrast_on_iteration", 0) is None,
+    "HC/LC never switched on in them")}
 BASELINE, CONTROL = "supervised_1-8", "mean_teacher_1-8"
 # what explains each row, read from the last evaluation of its runs (mean over seeds where numeric)
 DIAGNOSTICS = ["miou_student", "miou_assistant", "miou_senior", "miou_student_B", "pseudo_share",
@@ -158,6 +166,14 @@ def stale(name: str, seed: int) -> bool:
     return bool(common.changed_args(expected_args(name, seed), saved, ignore={"data_root"}))  # a path of a machine
 
 
+def stand_in(name: str, seed: int) -> str | None:
+    """The row whose finished run is this row's run too (SAME_RUN_AS), when this row has no run of its own."""
+    if name not in SAME_RUN_AS or source(name, seed) is not None:
+        return None
+    row, holds, _ = SAME_RUN_AS[name]
+    return row if finished(row, seed) and holds(read_jsonl(source(row, seed) / "metrics.jsonl")[-1]) else None
+
+
 def finished(name: str, seed: int) -> bool:
     folder = source(name, seed)
     return (folder is not None and not stale(name, seed)
@@ -216,14 +232,16 @@ def collect(name: str, seeds: list) -> dict:
     """Per seed: the last metrics record, the mIoU curve and the median training s/iter, for finished runs."""
     runs = {}
     for seed in seeds:
-        folder = source(name, seed)
-        if folder is None or not finished(name, seed):
+        same = stand_in(name, seed)
+        folder = source(same or name, seed)
+        if folder is None or not finished(same or name, seed):
             continue
         records = read_jsonl(folder / "metrics.jsonl")
         train = read_jsonl(folder / "train.jsonl")
         runs[seed] = {"last": records[-1], "curve": [(r["iteration"], r["miou"]) for r in records],
                       "probe": [(r["iteration"], r["pseudo_acc_all"]) for r in records if "pseudo_acc_all" in r],
-                      "speed": statistics.median(r["sec_per_iter"] for r in train) if train else None}
+                      "speed": statistics.median(r["sec_per_iter"] for r in train) if train else None,
+                      "same_run_as": same}
     return runs
 
 
@@ -285,6 +303,10 @@ def report(seeds: list, ablation_seeds: list) -> str:
               "vs supervised 1/8 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, (_, _, _, what, reference) in ABLATIONS.items():
+        borrowed = [str(s) for s, r in data[name].items() if r["same_run_as"]]
+        if borrowed:
+            what += (f"; **seed{'s' * (len(borrowed) > 1)} {', '.join(borrowed)}: the {SAME_RUN_AS[name][0]} runs themselves** "
+                     f"({SAME_RUN_AS[name][2]})")
         lines.append(f"| {name} | {what} | {len(data[name])}/{len(ablation_seeds)} | "
                      f"{per_seed(name, ablation_seeds)} | {mean_std(list(last[name].values()))} | {reference}: "
                      f"{paired_gain(last[name], last[reference])} | {paired_gain(last[name], last[BASELINE])} |")
@@ -340,11 +362,12 @@ def plots(data: dict, last: dict, results: Path) -> None:
         ax.plot(values, [y] * len(values), "o", color="black", markersize=4)
     if last[BASELINE]:
         ax.axvline(statistics.mean(last[BASELINE].values()), color="gray", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(names)), names)
+    borrowed = {n: next((r["same_run_as"] for r in data[n].values() if r["same_run_as"]), None) for n in names}
+    ax.set_yticks(range(len(names)), [f"{n} (= {borrowed[n]} runs)" if borrowed[n] else n for n in names])
     ax.invert_yaxis()
     lo = min(min(v.values()) for v in last.values() if v)
     ax.set_xlim(max(0, lo - 5), max(max(v.values()) for v in last.values() if v) + 2)
-    ax.set_xlabel(f"last val mIoU (%) after {ITERS} iterations; bar = mean, dot = seed, dashed = supervised 1/8")
+    ax.set_xlabel(f"last val mIoU (%) after {ITERS} iterations\nbar = mean, dot = seed, dashed = supervised 1/8")
     ax.set_title("CamVid 1/8 (46 labels), Lite0 DeepLabv3+, 2 CPU cores")
     fig.tight_layout()
     fig.savefig(results / "camvid_table.png", dpi=100)
@@ -441,6 +464,10 @@ def main():
         for name in cli.rows:
             for seed in cli.seeds if name in ROWS else cli.ablation_seeds:
                 if finished(name, seed):
+                    continue
+                if stand_in(name, seed):
+                    print(f"{name} seed {seed}: the {stand_in(name, seed)} run of seed {seed} is this run too "
+                          "(SAME_RUN_AS); not repeated", flush=True)
                     continue
                 if stale(name, seed):
                     print(f"skipped {name} seed {seed}: {source(name, seed)} was made by another command (its "

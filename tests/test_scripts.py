@@ -103,6 +103,28 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     assert not (tmp_path / "runs").exists()
 
 
+def test_ctt_without_hc_and_lc_is_the_ctt_run_whose_banks_never_filled(tmp_path, monkeypatch):
+    """ctt_no_contrast_1-8 without a run of its own shows the ctt_1-8 run of the same seed, marked, only where that
+    run logged HC/LC off to the end (then --lambda-hc 0 --lambda-lc 0 is the same computation); its own run wins."""
+    monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
+    _fake_run("supervised_1-8", 0, [30.0, 40.0])
+    _fake_run("ctt_1-8", 0, [20.0, 44.0], banks_ready=False, contrast_on_iteration=None)
+    _fake_run("ctt_1-8", 1, [20.0, 47.0], banks_ready=True, contrast_on_iteration=900)  # HC/LC were on
+    _fake_run("ctt_1-8", 2, [20.0, 46.0])  # an old run that logged neither: not assumed
+    assert camvid_table.stand_in("ctt_no_contrast_1-8", 0) == "ctt_1-8"
+    assert camvid_table.stand_in("ctt_no_contrast_1-8", 1) is None
+    assert camvid_table.stand_in("ctt_no_contrast_1-8", 2) is None
+    assert camvid_table.stand_in("ctt_gated_1-8", 0) is None  # only the rows listed in SAME_RUN_AS
+    text = camvid_table.report([0], [0, 1, 2])
+    row = next(x for x in text.splitlines() if x.startswith("| ctt_no_contrast_1-8 |"))
+    assert "**seed 0: the ctt_1-8 runs themselves** (HC/LC never switched on in them)" in row
+    assert row.endswith("| 1/3 | 44.0 / - / - | 44.0 | ctt_1-8: +0.0 (1 seed) | +4.0 (1 seed) |")
+    _fake_run("ctt_no_contrast_1-8", 0, [20.0, 41.5])  # a run of its own
+    assert camvid_table.stand_in("ctt_no_contrast_1-8", 0) is None
+    row = next(x for x in camvid_table.report([0], [0, 1, 2]).splitlines() if x.startswith("| ctt_no_contrast_1-8"))
+    assert "themselves" not in row and "| 41.5 / - / - |" in row
+
+
 def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
     """A finished run whose command.txt is not its row's current command (e.g. Dual Teacher with the old
     40-iteration shifts under the default row's name) is not finished, not in the table, and named as stale."""

@@ -87,13 +87,23 @@ ABLATIONS = {
 }
 ALL = {**{k: v[:3] for k, v in ROWS.items()}, **{k: v[:3] for k, v in ABLATIONS.items()}}
 # An ablation that, while a logged condition holds in its default row's run, is the same computation as that run:
-# the table shows that run for it, marked, instead of spending the 40 minutes again; its own run, where one exists,
-# is used instead. row -> (the row whose run it is, the condition on that run's last record, what the condition
-# means). ctt_no_contrast: until the banks fill, HC/LC are not in the loss and the bank updates draw nothing, so
-# --lambda-hc 0 --lambda-lc 0 trains bit for bit the same (tests/test_ctt.py, test_until_the_banks_fill_...).
-SAME_RUN_AS = {"ctt_no_contrast_1-8": (
-    "ctt_1-8", lambda last: last.get("banks_ready") is False and last.get("contrast_on_iteration", 0) is None,
-    "HC/LC never switched on in them")}
+# the table shows that run for it, marked, instead of spending 40 minutes again; its own run, where one exists, is
+# used instead. row -> (the row whose run it is, the condition on that run's last record, why it is the same run).
+# Until CTT's banks fill, HC/LC are not in the loss and the bank updates draw nothing, so --lambda-hc 0
+# --lambda-lc 0 trains bit for bit the same; with the entry gate the candidates are a subset of the default's, so
+# its queues are never longer and never fill first (tests/test_ctt.py, test_until_the_banks_fill_...).
+
+
+def ctt_never_on(last: dict) -> bool:
+    """A CTT run whose HC/LC stayed off to its end (logged at every evaluation; older runs did not log it)."""
+    return last.get("banks_ready") is False and last.get("contrast_on_iteration", 0) is None
+
+
+SAME_RUN_AS = {
+    "ctt_no_contrast_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on in them"),
+    "ctt_gated_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on in them, and the gated queues, fed by a subset "
+                      "of their candidates, can only be shorter"),
+}
 BASELINE, CONTROL = "supervised_1-8", "mean_teacher_1-8"
 # what explains each row, read from the last evaluation of its runs (mean over seeds where numeric)
 DIAGNOSTICS = ["miou_student", "miou_assistant", "miou_senior", "miou_student_B", "pseudo_share",
@@ -245,6 +255,13 @@ def collect(name: str, seeds: list) -> dict:
     return runs
 
 
+def borrowed_seeds(runs: dict) -> str:
+    """' (seeds 0, 1 = ctt_1-8)' for the seeds whose run is another row's (SAME_RUN_AS), else ''."""
+    seeds = [str(s) for s, r in runs.items() if r["same_run_as"]]
+    row = next((r["same_run_as"] for r in runs.values() if r["same_run_as"]), None)
+    return f" (seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} = {row})" if seeds else ""
+
+
 def diagnostics(runs: dict) -> str:
     parts = []
     for key in DIAGNOSTICS:
@@ -312,7 +329,7 @@ def report(seeds: list, ablation_seeds: list) -> str:
                      f"{paired_gain(last[name], last[reference])} | {paired_gain(last[name], last[BASELINE])} |")
     lines += ["", "What the logs say at the last evaluation (mean ± std over seeds; `miou_*` = the method's other "
               "networks, booleans = runs where true):", "", "| row | logged |", "| --- | --- |"]
-    lines += [f"| {name} | {diagnostics(runs)} |" for name, runs in data.items() if runs]
+    lines += [f"| {name}{borrowed_seeds(runs)} | {diagnostics(runs)} |" for name, runs in data.items() if runs]
     classes = next((list(r["last"]["iou"]) for runs in data.values() for r in runs.values()), [])
     if classes:
         lines += ["", "Per-class IoU (last evaluation, mean over seeds):", "",
@@ -362,8 +379,7 @@ def plots(data: dict, last: dict, results: Path) -> None:
         ax.plot(values, [y] * len(values), "o", color="black", markersize=4)
     if last[BASELINE]:
         ax.axvline(statistics.mean(last[BASELINE].values()), color="gray", linestyle="--", linewidth=1)
-    borrowed = {n: next((r["same_run_as"] for r in data[n].values() if r["same_run_as"]), None) for n in names}
-    ax.set_yticks(range(len(names)), [f"{n} (= {borrowed[n]} runs)" if borrowed[n] else n for n in names])
+    ax.set_yticks(range(len(names)), [n + borrowed_seeds(data[n]) for n in names])
     ax.invert_yaxis()
     lo = min(min(v.values()) for v in last.values() if v)
     ax.set_xlim(max(0, lo - 5), max(max(v.values()) for v in last.values() if v) + 2)

@@ -540,16 +540,22 @@ torch.save(dict(banks=made[0].state_dict(), labels=labels), os.path.join(out, "b
 def test_until_the_banks_fill_ctt_trains_exactly_as_ctt_without_hc_and_lc(tmp_path):
     """The CamVid table's CTT rows never fill the bicyclist queues, so HC/LC never switch on: the bank updates must
     then change nothing in training (no random draw, no gradient), and the default run is bit for bit the
-    'w/o HC and LC' run (--lambda-hc 0 --lambda-lc 0). A queue of 10,000 never fills in 3 iterations."""
+    'w/o HC and LC' run (--lambda-hc 0 --lambda-lc 0), and so is the run with the old confidence-gated entry
+    (--bank-threshold 0.95; the table uses both identities). A queue of 10,000 never fills in 3 iterations."""
     common_args = [*TINY, "--iters", "3", "--eval-every", "3"]
     run_method("ctt.py", [*common_args, "--queue-size", "10000", "--out", str(tmp_path / "banks")])
     run_method("ctt.py", [*common_args, "--lambda-hc", "0", "--lambda-lc", "0", "--out", str(tmp_path / "none")])
-    with_banks, without = read_metrics(tmp_path / "banks")[-1], read_metrics(tmp_path / "none")[-1]
+    run_method("ctt.py", [*common_args, "--queue-size", "10000", "--bank-threshold", "0.95",
+                          "--out", str(tmp_path / "gated")])
+    with_banks, without, gated = (read_metrics(tmp_path / run)[-1] for run in ("banks", "none", "gated"))
     assert not with_banks["banks_ready"] and sum(with_banks["bank_entries"]["A"].values()) > 0  # banks did fill up
-    assert with_banks["miou"] == without["miou"] and with_banks["miou_student_B"] == without["miou_student_B"]
-    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last") for run in ("banks", "none"))
+    assert sum(gated["bank_entries"]["A"].values()) < sum(with_banks["bank_entries"]["A"].values())  # gate binds
+    for other in (without, gated):
+        assert with_banks["miou"] == other["miou"] and with_banks["miou_student_B"] == other["miou_student_B"]
+    a, b, c = (load_checkpoint(tmp_path / run / "checkpoints" / "last") for run in ("banks", "none", "gated"))
     for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"):
         assert_same(a[name], b[name])
+        assert_same(a[name], c[name])
 
 
 def test_ctt_two_processes_keep_identical_banks(tmp_path):

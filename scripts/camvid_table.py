@@ -16,7 +16,9 @@ Runs go to runs/camvid/<row>_s<seed>; a finished run is not repeated, an interru
 and the report is rewritten after every run. The small files of every finished run (args.json, metrics.jsonl,
 train.jsonl, log.txt, the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/, which the report
 reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's archive to rerun it. A
-run folder records its command (command.txt); one made by another command than its row's is never reused.
+run folder records its command (command.txt); one made by another command than its row's is never reused. An
+ablation without a run of its own whose default row's run logged what makes the two the same computation
+(SAME_RUN_AS: CTT's banks never full) shows that run, marked as such, and is not run.
 
   python scripts/camvid_table.py                                   # every row, seeds 0 1 2, ablations 0 1
   python scripts/camvid_table.py --rows mean_teacher_1-8 --seeds 0   # one row, one seed

@@ -88,12 +88,6 @@ ABLATIONS = {
                                  "a shift per unlabeled pass: 40 iterations (our old default)", "dual_teacher_1-8"),
 }
 ALL = {**{k: v[:3] for k, v in ROWS.items()}, **{k: v[:3] for k, v in ABLATIONS.items()}}
-# An ablation that, while a logged condition holds in its default row's run, is the same computation as that run:
-# the table shows that run for it, marked, instead of spending 40 minutes again; its own run, where one exists, is
-# used instead. row -> (the row whose run it is, the condition on that run's last record, why it is the same run).
-# Until CTT's banks fill, HC/LC are not in the loss and the bank updates draw nothing, so --lambda-hc 0
-# --lambda-lc 0 trains bit for bit the same; with the entry gate the candidates are a subset of the default's, so
-# its queues are never longer and never fill first (tests/test_ctt.py, test_until_the_banks_fill_...).
 
 
 def ctt_never_on(last: dict) -> bool:
@@ -101,10 +95,16 @@ def ctt_never_on(last: dict) -> bool:
     return last.get("banks_ready") is False and last.get("contrast_on_iteration", 0) is None
 
 
+# An ablation that, while a logged condition holds in its default row's run, is the same computation as that run:
+# the table shows that run for it, marked, instead of spending 40 minutes again; its own run, where one exists, is
+# used instead. row -> (the row whose run it is, the condition on that run's last record, why it is the same run).
+# Until CTT's banks fill, HC/LC are not in the loss and the bank updates draw nothing, so --lambda-hc 0
+# --lambda-lc 0 trains bit for bit the same; with the entry gate the candidates are a subset of the default's, so
+# its queues are never longer and never fill first (tests/test_ctt.py, test_until_the_banks_fill_...).
 SAME_RUN_AS = {
-    "ctt_no_contrast_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on in them"),
-    "ctt_gated_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on in them, and the gated queues, fed by a subset "
-                      "of their candidates, can only be shorter"),
+    "ctt_no_contrast_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on there"),
+    "ctt_gated_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on there, and the gated queues, fed by a subset "
+                      "of the default's candidates, can only be shorter"),
 }
 BASELINE, CONTROL = "supervised_1-8", "mean_teacher_1-8"
 # what explains each row, read from the last evaluation of its runs (mean over seeds where numeric)
@@ -324,8 +324,9 @@ def report(seeds: list, ablation_seeds: list) -> str:
     for name, (_, _, _, what, reference) in ABLATIONS.items():
         borrowed = [str(s) for s, r in data[name].items() if r["same_run_as"]]
         if borrowed:
-            what += (f"; **seed{'s' * (len(borrowed) > 1)} {', '.join(borrowed)}: the {SAME_RUN_AS[name][0]} runs themselves** "
-                     f"({SAME_RUN_AS[name][2]})")
+            many = len(borrowed) > 1
+            what += (f"; **seed{'s' * many} {', '.join(borrowed)}: the {SAME_RUN_AS[name][0]} "
+                     f"{'runs themselves' if many else 'run itself'}** ({SAME_RUN_AS[name][2]})")
         lines.append(f"| {name} | {what} | {len(data[name])}/{len(ablation_seeds)} | "
                      f"{per_seed(name, ablation_seeds)} | {mean_std(list(last[name].values()))} | {reference}: "
                      f"{paired_gain(last[name], last[reference])} | {paired_gain(last[name], last[BASELINE])} |")

@@ -118,7 +118,7 @@ def test_ctt_without_hc_and_lc_is_the_ctt_run_whose_banks_never_filled(tmp_path,
     assert camvid_table.stand_in("ctt_gated_1-8", 0) == "ctt_1-8"
     text = camvid_table.report([0], [0, 1, 2])
     row = next(x for x in text.splitlines() if x.startswith("| ctt_no_contrast_1-8 |"))
-    assert "**seed 0: the ctt_1-8 runs themselves** (HC/LC never switched on in them)" in row
+    assert "**seed 0: the ctt_1-8 run itself** (HC/LC never switched on there)" in row
     assert row.endswith("| 1/3 | 44.0 / - / - | 44.0 | ctt_1-8: +0.0 (1 seed) | +4.0 (1 seed) |")
     assert "| ctt_no_contrast_1-8 (seed 0 = ctt_1-8) | pseudo_share 50.0; banks_ready 0/1 |" in text  # the logs'
     _fake_run("ctt_no_contrast_1-8", 0, [20.0, 41.5])  # a run of its own

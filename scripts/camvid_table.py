@@ -257,11 +257,15 @@ def collect(name: str, seeds: list) -> dict:
     return runs
 
 
-def borrowed_seeds(runs: dict) -> str:
-    """' (seeds 0, 1 = ctt_1-8)' for the seeds whose run is another row's (SAME_RUN_AS), else ''."""
+def borrowed(runs: dict) -> str:
+    """'seeds 0, 1' for the seeds whose run is another row's (SAME_RUN_AS), else ''."""
     seeds = [str(s) for s, r in runs.items() if r["same_run_as"]]
-    row = next((r["same_run_as"] for r in runs.values() if r["same_run_as"]), None)
-    return f" (seed{'s' * (len(seeds) > 1)} {', '.join(seeds)} = {row})" if seeds else ""
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}" if seeds else ""
+
+
+def borrowed_label(name: str, runs: dict) -> str:
+    """' (seeds 0, 1 = ctt_1-8)' after a row name where some of its seeds are another row's run, else ''."""
+    return f" ({borrowed(runs)} = {SAME_RUN_AS[name][0]})" if borrowed(runs) else ""
 
 
 def diagnostics(runs: dict) -> str:
@@ -322,17 +326,16 @@ def report(seeds: list, ablation_seeds: list) -> str:
               "vs supervised 1/8 |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, (_, _, _, what, reference) in ABLATIONS.items():
-        borrowed = [str(s) for s, r in data[name].items() if r["same_run_as"]]
-        if borrowed:
-            many = len(borrowed) > 1
-            what += (f"; **seed{'s' * many} {', '.join(borrowed)}: the {SAME_RUN_AS[name][0]} "
+        if borrowed(data[name]):
+            many = borrowed(data[name]).startswith("seeds")
+            what += (f"; **{borrowed(data[name])}: the {SAME_RUN_AS[name][0]} "
                      f"{'runs themselves' if many else 'run itself'}** ({SAME_RUN_AS[name][2]})")
         lines.append(f"| {name} | {what} | {len(data[name])}/{len(ablation_seeds)} | "
                      f"{per_seed(name, ablation_seeds)} | {mean_std(list(last[name].values()))} | {reference}: "
                      f"{paired_gain(last[name], last[reference])} | {paired_gain(last[name], last[BASELINE])} |")
     lines += ["", "What the logs say at the last evaluation (mean ± std over seeds; `miou_*` = the method's other "
               "networks, booleans = runs where true):", "", "| row | logged |", "| --- | --- |"]
-    lines += [f"| {name}{borrowed_seeds(runs)} | {diagnostics(runs)} |" for name, runs in data.items() if runs]
+    lines += [f"| {name}{borrowed_label(name, runs)} | {diagnostics(runs)} |" for name, runs in data.items() if runs]
     classes = next((list(r["last"]["iou"]) for runs in data.values() for r in runs.values()), [])
     if classes:
         lines += ["", "Per-class IoU (last evaluation, mean over seeds):", "",
@@ -382,7 +385,7 @@ def plots(data: dict, last: dict, results: Path) -> None:
         ax.plot(values, [y] * len(values), "o", color="black", markersize=4)
     if last[BASELINE]:
         ax.axvline(statistics.mean(last[BASELINE].values()), color="gray", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(names)), [n + borrowed_seeds(data[n]) for n in names])
+    ax.set_yticks(range(len(names)), [n + borrowed_label(n, data[n]) for n in names])
     ax.invert_yaxis()
     lo = min(min(v.values()) for v in last.values() if v)
     ax.set_xlim(max(0, lo - 5), max(max(v.values()) for v in last.values() if v) + 2)
@@ -484,8 +487,9 @@ def main():
             for seed in cli.seeds if name in ROWS else cli.ablation_seeds:
                 if finished(name, seed):
                     continue
-                if stand_in(name, seed):
-                    print(f"{name} seed {seed}: the {stand_in(name, seed)} run of seed {seed} is this run too "
+                same = stand_in(name, seed)
+                if same:
+                    print(f"{name} seed {seed}: the {same} run of seed {seed} is this run too "
                           "(SAME_RUN_AS); not repeated", flush=True)
                     continue
                 if stale(name, seed):

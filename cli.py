@@ -29,7 +29,7 @@ DATASET_DEFAULTS = {
     "camvid": dict(backbone="efficientnet_lite0", pretrained="imagenet", output_stride=16, decoder_channels=64,
                    crop_size=[96, 128], image_scale=0.5, global_batch=8, global_unlabeled_batch=8, lr=0.01,
                    head_lr_mult=1.0, weight_decay=1e-4, iters=1600, eval_every=400, eval_mode="whole",
-                   cache_images=True),
+                   cache_images=True, labeled_draw="spread"),
     "toy": dict(backbone="resnet18", pretrained="none", output_stride=16, decoder_channels=32, crop_size=[48, 64],
                 image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.01, head_lr_mult=1.0,
                 weight_decay=1e-4, iters=300, eval_every=100, eval_mode="whole"),
@@ -128,6 +128,9 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
     p.add_argument("--protocol", choices=["classic", "blender"], default="classic",
                    help="VOC only: classic draws labels from the 1,464 fine images (1/8 = 183), blender from all "
                         "10,582 (1/8 = 1,323)")
+    p.add_argument("--labeled-draw", choices=["spread", "random"],
+                   help="how --split draws the labeled images from --seed: 'random' uniformly, as the field's split "
+                        "files are; 'spread' (CamVid only) evenly over each video sequence, no two neighbouring frames")
     p.add_argument("--split-dir", help="folder with labeled.txt / unlabeled.txt (UniMatch or U2PL format) "
                                        "instead of a split drawn from --seed")
     p.add_argument("--backbone", choices=BACKBONES)
@@ -155,6 +158,10 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
     p.add_argument("--eval-every", type=positive_int, help="iterations between evaluations (where no value is "
                                                            "listed: once per epoch)")
     p.add_argument("--eval-mode", choices=["whole", "sliding"])
+    p.add_argument("--eval-test", choices=["end", "every", "never"], default="end",
+                   help="evaluate the test split (where the dataset has one with labels, e.g. CamVid) with the last "
+                        "weights at the end of the run, at every evaluation as well (a learning curve; select "
+                        "nothing on it), or never")
     p.add_argument("--out", help="run folder (default runs/<method>_<dataset>_<split>_s<seed>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the streams")
     p.add_argument("--stop-at", type=positive_int, help="checkpoint and exit after this iteration (time-limited "
@@ -233,6 +240,11 @@ def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method:
     if len(args.crop_size) not in (1, 2):
         parser.error("--crop-size takes one size (square) or H W")
     args.crop_size = list(args.crop_size) * (2 // len(args.crop_size))
+    if args.labeled_draw is None:
+        args.labeled_draw = "random"
+    if args.labeled_draw == "spread" and args.dataset != "camvid":
+        parser.error(f"--labeled-draw spread needs video sequences in the file names (CamVid); --dataset "
+                     f"{args.dataset} draws 'random'")
     if args.iters is None and args.epochs is None:
         parser.error("give --iters or --epochs")
     if args.out is None:

@@ -575,7 +575,7 @@ def setup(args: argparse.Namespace):
 
 # Flags that change how a run is driven, never what it computes: they may differ when a run is continued.
 RUN_CONTROL_FLAGS = {"out", "resume", "stop_at", "overwrite", "num_workers", "log_every", "num_overlays", "log_with",
-                     "cache_images", "check_data"}
+                     "cache_images", "check_data", "eval_test"}
 PROVENANCE_KEYS = {"git_commit", "versions"}
 RUN_FILES = ["checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl", "train.jsonl", "overlays", "log.txt",
              "args.json"]
@@ -983,12 +983,16 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
 
 def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, model: nn.Module,
                             step: int, extra_models: dict | None = None, pseudo_label_fn=None,
-                            extra_record: dict | None = None, probe: tuple | None = None) -> float:
+                            extra_record: dict | None = None, probe: tuple | None = None,
+                            final: bool = False) -> float:
     """One evaluation of `model` (the method's evaluated network; unwrapped or prepared), plus optional
     extra networks that are logged only; `probe` = (network that makes the pseudo-labels, its confidence
     rule[, train_batch for a network that labels in train mode]) scores pseudo-labels on unlabeled training
     images exactly as that network makes them (pseudo_label_probe); metrics.jsonl,
-    per-class IoU in the log, overlays, best/last weights, then the full resumable checkpoint. Returns mIoU."""
+    per-class IoU in the log, overlays, best/last weights, then the full resumable checkpoint. Returns mIoU.
+    final=True (the last iteration of the schedule) also scores the test split, where the dataset has one, with
+    these last weights (`test_miou`, `test_iou`, `test_miou_<key>`): the figure a run reports, nothing selected
+    on val; `--eval-test every` scores it at every evaluation (a learning curve), `never` not at all."""
     check_finite_state(accelerator, step, args.out)  # before any weights or checkpoint are written
     window = args.crop_size
     result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window)
@@ -1000,6 +1004,13 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
     for name, other in (extra_models or {}).items():
         record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
                                                 args.eval_mode, window)["miou"], 3)
+    if data.test_loader is not None and (args.eval_test == "every" or (final and args.eval_test == "end")):
+        test = evaluate(model, data.test_loader, accelerator, data.num_classes, args.eval_mode, window)
+        record.update(test_miou=round(test["miou"], 3),
+                      test_iou={n: round(v, 3) for n, v in zip(data.class_names, test["iou"])})
+        for name, other in (extra_models or {}).items():
+            record[f"test_miou_{name}"] = round(evaluate(other, data.test_loader, accelerator, data.num_classes,
+                                                         args.eval_mode, window)["miou"], 3)
     record.update(extra_record or {})
     improved = result["miou"] > state.best_miou
     if improved:
@@ -1008,11 +1019,15 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
     log.metrics(record)
     log.info(f"[eval {args.eval_mode}] iteration {step}: mIoU {result['miou']:.2f} (best {state.best_miou:.2f} "
              f"at {state.best_step})" + "".join(f", {k} {v}" for k, v in record.items()
-                                                if k.startswith("miou_") or k.startswith("pseudo_")))
+                                                if k.startswith(("miou_", "pseudo_", "test_miou"))))
     log.info("  per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
+    if "test_iou" in record:
+        log.info(f"  test ({len(data.test_set)} images, last weights): mIoU {record['test_miou']:.2f}; per-class "
+                 "IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in record["test_iou"].items()))
     if args.log_with:
         accelerator.log({"eval/mIoU": result["miou"], **{f"eval/{n}_IoU": v for n, v in
-                                                          zip(data.class_names, result["iou"])}}, step=step)
+                                                          zip(data.class_names, result["iou"])},
+                         **({"test/mIoU": record["test_miou"]} if "test_miou" in record else {})}, step=step)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         out = Path(args.out)

@@ -5,7 +5,8 @@ Layouts (what `--data-root` must hold; see README "Data"):
              SegmentationClass/<id>.png (VOC palette PNGs), ImageSets/Segmentation/{train,val}.txt
              [, train_aug.txt]
   cityscapes leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png
-  camvid     {train,val}/*.png and {trainannot,valannot}/*.png (SegNet layout; value 11 = void -> 255)
+  camvid     {train,val,test}/*.png and {trainannot,valannot,testannot}/*.png (SegNet layout; value 11 = void
+             -> 255; test optional)
   toy        nothing: procedural scenes generated from the index
 
 Determinism and resume: the sample seen by process `rank` at iteration t is a pure function of (--seed, t,
@@ -45,7 +46,7 @@ CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
                   (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
 TOY_CLASSES = ["background", "disk", "box", "stripes", "triangle"]
 TOY_PALETTE = [(40, 40, 40), (230, 60, 60), (60, 200, 60), (60, 90, 230), (230, 200, 40)]
-TOY_SIZE, TOY_TRAIN, TOY_VAL = (64, 80), 240, 48  # (H, W) of a toy scene, pool sizes
+TOY_SIZE, TOY_TRAIN, TOY_VAL, TOY_TEST = (64, 80), 240, 48, 24  # (H, W) of a toy scene, pool sizes
 
 
 def voc_palette() -> list[tuple]:
@@ -149,6 +150,19 @@ def list_toy():
     return pool, pool, [(None, None, 100_000 + i) for i in range(TOY_VAL)]
 
 
+def list_test(args) -> list:
+    """The held-out split a run reports, where the dataset has one with public labels: CamVid's 233 test frames
+    (SegNet's protocol; 171 of them from a sequence no other split holds), a toy test set; [] for VOC and
+    Cityscapes, whose test labels are not public (their papers report val). A CamVid folder without test/ has none."""
+    root = Path(args.data_root)
+    if args.dataset == "camvid" and (root / "test").is_dir():
+        _require(root / "testannot", "camvid")
+        return [(p, root / "testannot" / p.name, p.name) for p in sorted((root / "test").glob("*.png"))]
+    if args.dataset == "toy":
+        return [(None, None, 200_000 + i) for i in range(TOY_TEST)]
+    return []
+
+
 def split_count(split: str, pool_size: int) -> int:
     """'full', a count ('183') or a fraction ('1/8' -> ceil(pool/8)); the syntax is cli.parse_split's, which
     the command line already checked."""
@@ -168,13 +182,14 @@ def _sequence(entry) -> str:
     return entry[2].split("_")[0]  # CamVid: 0001TP_006690.png -> 0001TP
 
 
-def choose_labeled(dataset: str, labeled_pool: list, count: int, seed: int) -> list:
-    """Deterministic labeled subset. CamVid: spread over the three video sequences in proportion to their
-    length and evenly within each (neighbouring frames are near-duplicates); others: uniform random."""
+def choose_labeled(labeled_pool: list, count: int, seed: int, draw: str = "random") -> list:
+    """Deterministic labeled subset. draw 'random': uniform without replacement, as the field's split files are
+    drawn; 'spread' (CamVid's video frames): spread over the video sequences in proportion to their length and
+    evenly within each, so that no two labeled frames are neighbours."""
     rng = np.random.default_rng([seed, 7])
     if count == len(labeled_pool):
         return list(labeled_pool)
-    if dataset != "camvid":
+    if draw == "random":
         picked = rng.choice(len(labeled_pool), count, replace=False)
         return [labeled_pool[i] for i in sorted(picked)]
     groups: dict[str, list] = {}
@@ -224,7 +239,8 @@ def resolve_split(args):
         if set(e[2] for e in labeled) & set(e[2] for e in unlabeled):
             sys.exit(f"--split-dir: labeled.txt and unlabeled.txt of {args.split_dir} overlap")
         return labeled, unlabeled, val
-    labeled = choose_labeled(args.dataset, labeled_pool, split_count(args.split, len(labeled_pool)), args.seed)
+    draw = getattr(args, "labeled_draw", None) or ("spread" if args.dataset == "camvid" else "random")  # older runs
+    labeled = choose_labeled(labeled_pool, split_count(args.split, len(labeled_pool)), args.seed, draw)
     taken = set(e[2] for e in labeled)
     return labeled, [e for e in pool if e[2] not in taken], val
 
@@ -584,9 +600,10 @@ def _worker_init(_):
 
 
 def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -> SimpleNamespace:
-    """Everything a method needs from the data: streams (labeled_stream(t), unlabeled_stream(t)), the val
-    loader (this process's shard), epoch lengths, class names, palette, denormalize, and `probe_set` (a
-    fixed sample of unlabeled training images with their ground truth, for the pseudo-label probe only).
+    """Everything a method needs from the data: streams (labeled_stream(t), unlabeled_stream(t)), the val and
+    test loaders (this process's shard; test_loader None where the dataset has no labeled test split), epoch
+    lengths, class names, palette, denormalize, and `probe_set` (a fixed sample of unlabeled training images
+    with their ground truth, for the pseudo-label probe only).
     strong=False: unlabeled samples come without the photometric strong view."""
     num_classes = {"voc": 21, "cityscapes": 19, "camvid": 11, "toy": 5}[args.dataset]
     names = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES, "toy": TOY_CLASSES}
@@ -596,9 +613,10 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
     if need_unlabeled and not unlabeled:
         sys.exit(f"--split {args.split}: no unlabeled images left for a semi-supervised method")
     probe_entries = unlabeled[:: max(1, len(unlabeled) // 32)][:32] if args.dataset in ("camvid", "toy") else []
+    test = list_test(args)
     if args.dataset != "toy" and getattr(args, "check_data", True) and accelerator.is_main_process:
         unlabeled_read = unlabeled if need_unlabeled else []
-        check_files(labeled + val + probe_entries, [e for e in unlabeled_read if e not in probe_entries],
+        check_files(labeled + val + test + probe_entries, [e for e in unlabeled_read if e not in probe_entries],
                     args.dataset, num_classes)
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()  # the others wait for the main process's check
@@ -608,6 +626,7 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
     labeled_set = SegmentationSet(labeled, "labeled", **common)
     unlabeled_set = SegmentationSet(unlabeled, "unlabeled", strong=strong, **common)
     val_set = SegmentationSet(val, "val", **common)
+    test_set = SegmentationSet(test, "val", **common)
     probe_set = SegmentationSet(probe_entries, "val", **common)
     rank, world = accelerator.process_index, accelerator.num_processes
     pin = accelerator.device.type == "cuda"
@@ -619,14 +638,17 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
                                                 generator=torch.Generator()))
 
     val_batch = 1 if args.dataset in ("voc", "cityscapes") else 8  # VOC sizes vary; Cityscapes is large
-    val_shard = torch.utils.data.Subset(val_set, list(range(rank, len(val_set), world)))
-    val_loader = torch.utils.data.DataLoader(val_shard, batch_size=val_batch, num_workers=min(args.num_workers, 2),
-                                             worker_init_fn=_worker_init, generator=torch.Generator())
+
+    def eval_loader(dataset):  # this process's shard: every image evaluated exactly once over the processes
+        shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+        return torch.utils.data.DataLoader(shard, batch_size=val_batch, num_workers=min(args.num_workers, 2),
+                                           worker_init_fn=_worker_init, generator=torch.Generator())
     mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return SimpleNamespace(
         num_classes=num_classes, class_names=names[args.dataset], palette=palette,
         labeled=labeled, unlabeled=unlabeled, labeled_set=labeled_set, unlabeled_set=unlabeled_set,
-        val_set=val_set, val_loader=val_loader, probe_set=probe_set,
+        val_set=val_set, val_loader=eval_loader(val_set), probe_set=probe_set,
+        test_set=test_set, test_loader=eval_loader(test_set) if test else None,
         labeled_stream=lambda start: loader(labeled_set, args.batch_size, 1, start),
         unlabeled_stream=lambda start: loader(unlabeled_set, args.unlabeled_batch_size, 2, start),
         labeled_epoch=max(1, len(labeled) // (args.batch_size * world)),

@@ -388,7 +388,8 @@ def main(argv=None):
                       "bank_entries": entries, "bank_candidates": candidates,
                       **{f"train_{k}": round(v, 4) for k, v in losses.items()}}
             common.evaluate_and_checkpoint(
-                accelerator, args, state, log, data, students[0], done, extra_record=record,
+                accelerator, args, state, log, data, students[0], done, final=done == total,
+                extra_record=record,
                 extra_models={f"student_{names[i]}": students[i] for i in range(1, pairs)},
                 pseudo_label_fn=lambda image: cross_teacher.eval()(image).argmax(1),
                 probe=(cross_teacher, 0.0,  # rule 0: CE trains on every pixel; the teachers label as in training

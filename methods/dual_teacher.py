@@ -353,7 +353,7 @@ def main(argv=None):
                 accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, student, done,
-                                           pseudo_label_fn=pseudo_labels,  # probe: exactly as it labels
+                                           final=done == total, pseudo_label_fn=pseudo_labels,  # probe: as it labels
                                            probe=(teachers[index], THRESHOLD, args.unlabeled_batch_size),
                                            extra_record={"epoch": epoch, "teacher": f"T{index + 1}",
                                                          "ema_a_max": round(a_max, 5), "teacher_lag": round(lag, 3),

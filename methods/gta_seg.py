@@ -317,6 +317,7 @@ def main(argv=None):
         if done % eval_every == 0 or done == total or done == args.stop_at:
             semi = done > warmup  # the student is evaluated in the warm-up epoch, the teacher after (:219-222)
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher if semi else student, done,
+                                           final=done == total,
                                            extra_models={"student": student, "assistant": assistant},
                                            pseudo_label_fn=pseudo_label_overlay if semi else None,
                                            probe=(teacher if semi else student,  # kept = above the 20% quantile

@@ -165,6 +165,7 @@ def main(argv=None):
                 accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher, done,
+                                           final=done == total,
                                            extra_models={"student": student}, pseudo_label_fn=pseudo_labels,
                                            probe=(teacher, args.threshold),
                                            extra_record={"train_passed": round(losses["passed"], 4)})

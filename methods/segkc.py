@@ -347,6 +347,7 @@ def main(argv=None):
             # probe: the senior's pseudo-labels (what the junior learns from) as it makes them, in train mode on
             # batches of the unlabeled batch size; CPS keeps every pixel (threshold 0)
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, junior, done,
+                                           final=done == total,
                                            extra_models={"senior": senior_eval}, pseudo_label_fn=senior_pseudo_label,
                                            probe=(senior_eval, 0.0, args.unlabeled_batch_size))
         if done == args.stop_at:

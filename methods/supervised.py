@@ -89,7 +89,8 @@ def main(argv=None):
                 accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             # probe: the baseline's own predictions under the usual 0.95 rule, the yardstick for the methods
-            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model, done, probe=(model, 0.95))
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model, done,
+                                           final=done == total, probe=(model, 0.95))
         if done == args.stop_at:
             break
     bar.close()

@@ -2,6 +2,7 @@
 evaluator: same dataset, mode and mIoU code. Works in one process or under `accelerate launch`.
 
   python scripts/evaluate.py --weights runs/ctt_voc_1-8_s0/model_best.pt [--data-root ...] [--eval-mode sliding]
+  python scripts/evaluate.py --weights runs/ctt_camvid_1-8_s0/model_last.pt --split test   # a run's test_miou
 
 --recalibrate-bn K (a diagnostic) first replaces every BatchNorm's running statistics by their average over K
 train-mode forwards of labeled training crops (the weak view, no gradient; each process its own), i.e. the statistics
@@ -48,6 +49,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="a model_*.pt file written by a method script")
     parser.add_argument("--data-root", help="override the dataset folder stored with the weights")
+    parser.add_argument("--split", choices=["val", "test"], default="val",
+                        help="which split of the run's dataset to score (test: where the dataset has labeled test "
+                             "images, e.g. CamVid's 233)")
     parser.add_argument("--eval-mode", choices=["whole", "sliding"])
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="K",
@@ -68,17 +72,21 @@ def main():
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1)
     mean, std = common.normalization(saved.get("backbone", args.backbone))
     data = build_data(args, accelerator, mean, std, need_unlabeled=False)
+    if cli.split == "test" and data.test_loader is None:
+        sys.exit(f"--split test: --dataset {args.dataset} at {args.data_root} has no labeled test split")
+    loader, images = (data.test_loader, len(data.test_set)) if cli.split == "test" else (data.val_loader,
+                                                                                           len(data.val_set))
     model = common.build_model(saved.get("backbone", args.backbone), data.num_classes, "none",
                                args.output_stride, args.decoder_channels)
     model.load_state_dict(saved["model"])
     model.to(accelerator.device)
     if cli.recalibrate_bn > 0:
         recalibrate_bn(model, data.labeled_stream(0), cli.recalibrate_bn, accelerator.device)
-    result = common.evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, args.crop_size)
+    result = common.evaluate(model, loader, accelerator, data.num_classes, args.eval_mode, args.crop_size)
     probe = common.pseudo_label_probe(model, data, accelerator, cli.probe) if cli.probe is not None else None
     if accelerator.is_main_process:
         recalibrated = f", BatchNorm statistics from {cli.recalibrate_bn} labeled batches" if cli.recalibrate_bn else ""
-        print(f"mIoU ({args.eval_mode}, {len(data.val_set)} val images{recalibrated}): {result['miou']:.2f}")
+        print(f"mIoU ({args.eval_mode}, {images} {cli.split} images{recalibrated}): {result['miou']:.2f}")
         print("per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
         if probe == {}:
             print(f"no probe: {args.dataset} has no sample of unlabeled training images with ground truth")

@@ -36,6 +36,29 @@ def test_supervised_single_process(tmp_path):
         assert sum(v["target_share"] for v in last["probe_per_class"].values()) == pytest.approx(100.0, abs=0.01)
 
 
+def test_test_split_scored_once_at_the_end_and_equal_to_evaluate_py(tmp_path):
+    """A run scores the test split with its last weights at the last iteration only (--eval-test end), and that
+    figure is exactly scripts/evaluate.py --split test on model_last.pt; --eval-test every scores it at every
+    evaluation, never at none; --stop-at before the end scores nothing (the schedule has not ended)."""
+    out = tmp_path / "run"
+    run_method("supervised.py", [*TINY, "--iters", "4", "--eval-every", "2", "--out", str(out)])
+    first, last = read_metrics(out)
+    assert "test_miou" not in first and set(last["test_iou"]) == set(last["iou"])
+    assert last["test_miou"] != last["miou"]  # another split (24 toy test scenes, 48 val)
+    printed = run_method("../scripts/evaluate.py", ["--weights", str(out / "model_last.pt"), "--num-workers", "0",
+                                                    "--split", "test"]).stdout
+    assert f"(whole, 24 test images): {last['test_miou']:.2f}" in printed
+    every = tmp_path / "every"
+    run_method("supervised.py", [*TINY, "--iters", "4", "--eval-every", "2", "--out", str(every),
+                                 "--eval-test", "every"])
+    assert [m["test_miou"] for m in read_metrics(every)][-1] == last["test_miou"]  # same run, same weights
+    assert "test_miou" in read_metrics(every)[0]
+    for flags in (["--eval-test", "never"], ["--stop-at", "2"]):
+        other = tmp_path / flags[0][2:]
+        run_method("supervised.py", [*TINY, "--iters", "4", "--eval-every", "2", "--out", str(other), *flags])
+        assert not any("test_miou" in m for m in read_metrics(other))
+
+
 def test_supervised_two_processes_same_confusion_as_one(tmp_path):
     """Train in 2 processes; then evaluate the saved weights in 1 and in 2 processes: exactly the same
     confusion matrix (each val image counted once, sums across processes), and with --probe the same pseudo-label

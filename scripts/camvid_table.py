@@ -1,24 +1,23 @@
-"""The CamVid table: every method, the supervised baselines and a mean-teacher control under one protocol.
+"""The CamVid table v3: every method, the supervised baselines and the mean-teacher control under one protocol,
+judged on the test split.
 
-Protocol (every run): CamVid 1/8 (46 labeled of 367) from ../shared/data/camvid at half resolution (240x180,
---image-scale 0.5), crops 96x128 (scale 0.5-2.0, flip), EfficientNet-Lite0 with ImageNet weights, decoder 64
-channels, 8 labeled + 8 unlabeled images per iteration, 1,600 iterations, whole-image evaluation of the 101 val
-images every 400; each method's own paper settings otherwise (its file's defaults). A seed fixes the labeled split,
-the initialisation and the data streams, so rows with the same seed share their labeled images. Reported: the LAST
-mIoU of each run (nothing is selected on val), mean ± std over seeds, and the gain over supervised 1/8 and over the
-mean teacher paired by seed. The ablations (ABLATIONS) measure what our defaults change against the released
-code or our own earlier defaults, or (the rows marked as a diagnostic) test the protocol itself: the control
-without its unlabeled loss, and supervised and the control (also with one joint forward) with 13 labels (1/30),
-where labels are scarcer; ctt_contrast160_1-8 (ours) switches HC/LC on at iteration 160 because the paper's rule
-never does at this length.
+Protocol (every run; chosen on supervised runs only, results/camvid_protocol.md): CamVid from ../shared/data/camvid,
+the labeled share SPLIT drawn by --labeled-draw, EfficientNet-Lite0 with ImageNet weights, decoder 64 channels,
+8 labeled + 8 unlabeled images per iteration, head lr x10, ITERS iterations; val is evaluated every EVAL_EVERY
+iterations for monitoring and the 233 test images once, with the last weights. Each method's own paper settings
+otherwise (its file's defaults). A seed fixes the labeled split, the initialisation and the data streams, so rows
+with the same seed share their labeled images. Reported: the LAST weights' test mIoU (nothing is selected on val
+or test), mean ± std over seeds, gains over supervised and over the control paired by seed; val beside it. The
+ablations measure what our defaults change against the released code (GTA-Seg's storage sharing, Dual Teacher's
+shift length) or an earlier switch-on (CTT's HC/LC).
 
-Runs go to runs/camvid/<row>_s<seed>; a finished run is not repeated, an interrupted one resumes (--resume auto),
-and the report is rewritten after every run. The small files of every finished run (args.json, metrics.jsonl,
-train.jsonl, log.txt, the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/, which the report
-reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's archive to rerun it. A
-run folder records its command (command.txt); one made by another command than its row's is never reused. An
-ablation without a run of its own whose default row's run logged what makes the two the same computation
-(SAME_RUN_AS: CTT's banks never full) shows that run, marked as such, and is not run.
+Runs go to runs/camvid_v3/<row>_s<seed>; a finished run is not repeated, an interrupted one resumes (--resume
+auto), and the report is rewritten after every run. The small files of every finished run (args.json,
+metrics.jsonl, train.jsonl, log.txt, the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/,
+which the report reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's
+archive to rerun it. A run folder records its command (command.txt); one made by another command than its row's,
+or whose args.json is not what that command means today, is never reused. The v2 table (judged on val) is in
+results/camvid_v2.md with its archives.
 
   python scripts/camvid_table.py                                   # every row, seeds 0 1 2, ablations 0 1
   python scripts/camvid_table.py --rows mean_teacher_1-8 --seeds 0   # one row, one seed
@@ -33,80 +32,47 @@ import shutil
 import statistics
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # common and datasets (imported where the montage needs them)
-ITERS, EVAL_EVERY = 1600, 400
+# Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md).
+ITERS, EVAL_EVERY, SPLIT, LABELED_DRAW, HEAD_LR_MULT = 3200, 400, "1/8", "spread", "10"
+TAG = SPLIT.replace("/", "-")
+UNLABELED_PASS = (367 - math.ceil(367 * Fraction(SPLIT))) // 8  # iterations per pass over the unlabeled images
 PROTOCOL = ["--dataset", "camvid", "--image-scale", "0.5", "--crop-size", "96", "128", "--decoder-channels", "64",
-            "--pretrained", "imagenet", "--batch-size", "8", "--unlabeled-batch-size", "8",
-            "--iters", str(ITERS), "--eval-every", str(EVAL_EVERY), "--num-workers", "2"]
+            "--pretrained", "imagenet", "--batch-size", "8", "--unlabeled-batch-size", "8", "--head-lr-mult",
+            HEAD_LR_MULT, "--labeled-draw", LABELED_DRAW, "--iters", str(ITERS), "--eval-every", str(EVAL_EVERY),
+            "--num-workers", "2"]
 LITE0 = ["--backbone", "efficientnet_lite0"]
+BASELINE, CONTROL = f"supervised_{TAG}", f"mean_teacher_{TAG}"
 # row -> (script, split, flags, what the row is)
 ROWS = {
-    "supervised_1-8": ("supervised", "1/8", LITE0, "labeled images only (the baseline)"),
-    "supervised_full": ("supervised", "full", LITE0, "all 367 labels"),
-    "mean_teacher_1-8": ("mean_teacher", "1/8", LITE0, "the control: EMA teacher + CutMix pseudo-labels, labeled "
-                         "and mixed images in separate forwards (French et al.'s code)"),
-    "gta_seg_1-8": ("gta_seg", "1/8", LITE0, "paper mode (EMA teacher evaluated)"),
-    "dual_teacher_1-8": ("dual_teacher", "1/8", LITE0, "400-iteration shifts (student evaluated)"),
-    "ctt_1-8": ("ctt", "1/8", LITE0, "paper's bank entry and switch-on rule (student A evaluated)"),
-    "segkc_1-8": ("segkc", "1/8", ["--junior-backbone", "efficientnet_lite0", "--senior-backbone",
-                                   "efficientnet_lite2", "--senior-pretrained", "imagenet"],
-                  "Lite2 senior (ImageNet), Lite0 junior evaluated"),
+    BASELINE: ("supervised", SPLIT, LITE0, "labeled images only (the baseline)"),
+    "supervised_full": ("supervised", "full", LITE0, "all 367 labels (the upper bound)"),
+    CONTROL: ("mean_teacher", SPLIT, LITE0, "the control: EMA teacher + CutMix pseudo-labels"),
+    f"gta_seg_{TAG}": ("gta_seg", SPLIT, LITE0, "paper mode (EMA teacher evaluated)"),
+    f"dual_teacher_{TAG}": ("dual_teacher", SPLIT, LITE0, "400-iteration shifts (student evaluated)"),
+    f"ctt_{TAG}": ("ctt", SPLIT, LITE0, "paper's bank entry and switch-on rule (student A evaluated)"),
+    f"segkc_{TAG}": ("segkc", SPLIT, ["--junior-backbone", "efficientnet_lite0", "--senior-backbone",
+                                      "efficientnet_lite2", "--senior-pretrained", "imagenet"],
+                     "Lite2 senior (ImageNet), Lite0 junior evaluated"),
 }
 # row -> (script, split, flags, what it measures, the row it is compared with)
 ABLATIONS = {
-    "gta_seg_official_1-8": ("gta_seg", "1/8", LITE0 + ["--official-code"],
-                             "the released code's storage sharing (all T/A/S parameters in the first semi-supervised "
-                             "epoch, then the mask predictor of student and assistant)",
-                             "gta_seg_1-8"),
-    "ctt_gated_1-8": ("ctt", "1/8", LITE0 + ["--bank-threshold", "0.95"],
-                      "bank entry also gated by softmax >= 0.95 (our old rule, in neither paper nor code)", "ctt_1-8"),
-    "ctt_no_contrast_1-8": ("ctt", "1/8", LITE0 + ["--lambda-hc", "0", "--lambda-lc", "0"],
-                            "without HC and LC (paper Table 5; the official code's final loss); while the banks never "
-                            "fill, bit for bit the ctt_1-8 run (tests/test_ctt.py)", "ctt_1-8"),
-    "ctt_contrast160_1-8": ("ctt", "1/8", LITE0 + ["--contrast-after", "160"],
-                            "HC/LC on from iteration 160 (10%) with the filled queue entries (ours: at 1,600 "
-                            "iterations the bicyclist queues never fill, so the paper's rule never turns them on)",
-                            "ctt_1-8"),
-    "mean_teacher_joint_1-8": ("mean_teacher", "1/8", LITE0 + ["--joint-forward"],
-                               "one student forward on [labeled; mixed], BN statistics over both (ours, as GTA-Seg, "
-                               "Dual Teacher and CTT here; French et al. and UniMatch normalise the mixed batch alone)",
-                               "mean_teacher_1-8"),
-    "mean_teacher_no_u_1-8": ("mean_teacher", "1/8", LITE0 + ["--joint-forward", "--lambda-u", "0"],
-                              "the joint-forward control without L_u (lambda_u 0): its pipeline alone, BN over labeled "
-                              "+ mixed strong views, no pseudo-label gradient (ours: a diagnostic)",
-                              "mean_teacher_joint_1-8"),
-    "supervised_1-30": ("supervised", "1/30", LITE0, "13 labels (1/30): is there headroom where labels are scarcer? "
-                        "(ours: a diagnostic)", "supervised_1-8"),
-    "mean_teacher_1-30": ("mean_teacher", "1/30", LITE0, "the control with 13 labels (1/30), where the labels do "
-                          "limit the baseline (ours: a diagnostic)", "supervised_1-30"),
-    "mean_teacher_joint_1-30": ("mean_teacher", "1/30", LITE0 + ["--joint-forward"], "the joint-forward control with "
-                                "13 labels (1/30) (ours: a diagnostic)", "mean_teacher_1-30"),
-    "dual_teacher_shift40_1-8": ("dual_teacher", "1/8", LITE0 + ["--iters-per-epoch", "40"],
-                                 "a shift per unlabeled pass: 40 iterations (our old default)", "dual_teacher_1-8"),
+    f"gta_seg_official_{TAG}": ("gta_seg", SPLIT, LITE0 + ["--official-code"],
+                                "the released code's storage sharing (all T/A/S parameters in the first "
+                                "semi-supervised epoch, then the mask predictor of student and assistant)",
+                                f"gta_seg_{TAG}"),
+    f"dual_teacher_pass_{TAG}": ("dual_teacher", SPLIT, LITE0 + ["--iters-per-epoch", str(UNLABELED_PASS)],
+                                 f"a shift per pass over the unlabeled images ({UNLABELED_PASS} iterations), as the "
+                                 "paper's epochs", f"dual_teacher_{TAG}"),
+    f"ctt_contrast_{TAG}": ("ctt", SPLIT, LITE0 + ["--contrast-after", str(ITERS // 10)],
+                            f"HC/LC on from iteration {ITERS // 10} (10%) with the filled queue entries (ours: the "
+                            "paper's rule waits for every class queue to fill)", f"ctt_{TAG}"),
 }
 ALL = {**{k: v[:3] for k, v in ROWS.items()}, **{k: v[:3] for k, v in ABLATIONS.items()}}
-
-
-def ctt_never_on(last: dict) -> bool:
-    """A CTT run whose HC/LC stayed off to its end (logged at every evaluation; older runs did not log it)."""
-    return last.get("banks_ready") is False and last.get("contrast_on_iteration", 0) is None
-
-
-# An ablation that, while a logged condition holds in its default row's run, is the same computation as that run:
-# the table shows that run for it, marked, instead of spending 40 minutes again; its own run, where one exists, is
-# used instead. row -> (the row whose run it is, the condition on that run's last record, why it is the same run).
-# Until CTT's banks fill, HC/LC are not in the loss and the bank updates draw nothing, so --lambda-hc 0
-# --lambda-lc 0 trains bit for bit the same; with the entry gate the candidates are a subset of the default's, so
-# its queues are never longer and never fill first (tests/test_ctt.py, test_until_the_banks_fill_...).
-SAME_RUN_AS = {
-    "ctt_no_contrast_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on there"),
-    "ctt_gated_1-8": ("ctt_1-8", ctt_never_on, "HC/LC never switched on there, and the gated queues, fed by a subset "
-                      "of the default's candidates, can only be shorter"),
-}
-BASELINE, CONTROL = "supervised_1-8", "mean_teacher_1-8"
 # what explains each row, read from the last evaluation of its runs (mean over seeds where numeric)
 DIAGNOSTICS = ["miou_student", "miou_assistant", "miou_senior", "miou_student_B", "pseudo_share",
                "contrast_on_iteration", "contrast_on_share", "banks_ready", "bank_fill_min", "ema_a_max",
@@ -114,7 +80,7 @@ DIAGNOSTICS = ["miou_student", "miou_assistant", "miou_senior", "miou_student_B"
 
 
 def run_dir(name: str, seed: int) -> Path:
-    return ROOT / "runs" / "camvid" / f"{name}_s{seed}"
+    return ROOT / "runs" / "camvid_v3" / f"{name}_s{seed}"
 
 
 def archive_dir(name: str, seed: int) -> Path:
@@ -124,7 +90,7 @@ def archive_dir(name: str, seed: int) -> Path:
 def command(name: str, seed: int) -> list[str]:
     script, split, flags = ALL[name]
     return ["python", f"methods/{script}.py", *PROTOCOL, *flags, "--split", split, "--seed", str(seed),
-            "--out", f"runs/camvid/{name}_s{seed}"]
+            "--out", f"runs/camvid_v3/{name}_s{seed}"]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -178,18 +144,10 @@ def stale(name: str, seed: int) -> bool:
     return bool(common.changed_args(expected_args(name, seed), saved, ignore={"data_root"}))  # a path of a machine
 
 
-def stand_in(name: str, seed: int) -> str | None:
-    """The row whose finished run is this row's run too (SAME_RUN_AS), when this row has no run of its own."""
-    if name not in SAME_RUN_AS or source(name, seed) is not None:
-        return None
-    row, holds, _ = SAME_RUN_AS[name]
-    return row if finished(row, seed) and holds(read_jsonl(source(row, seed) / "metrics.jsonl")[-1]) else None
-
-
 def finished(name: str, seed: int) -> bool:
     folder = source(name, seed)
     return (folder is not None and not stale(name, seed)
-            and any(r["iteration"] == ITERS for r in read_jsonl(folder / "metrics.jsonl")))
+            and any(r["iteration"] == ITERS and "test_miou" in r for r in read_jsonl(folder / "metrics.jsonl")))
 
 
 def archive(name: str, seed: int, commit: str) -> None:
@@ -241,31 +199,18 @@ def mean_or_dash(values: list) -> str:
 
 
 def collect(name: str, seeds: list) -> dict:
-    """Per seed: the last metrics record, the mIoU curve and the median training s/iter, for finished runs."""
+    """Per seed: the last metrics record, the val mIoU curve and the median training s/iter, for finished runs."""
     runs = {}
     for seed in seeds:
-        same = stand_in(name, seed)
-        folder = source(same or name, seed)
-        if folder is None or not finished(same or name, seed):
+        folder = source(name, seed)
+        if folder is None or not finished(name, seed):
             continue
         records = read_jsonl(folder / "metrics.jsonl")
         train = read_jsonl(folder / "train.jsonl")
         runs[seed] = {"last": records[-1], "curve": [(r["iteration"], r["miou"]) for r in records],
                       "probe": [(r["iteration"], r["pseudo_acc_all"]) for r in records if "pseudo_acc_all" in r],
-                      "speed": statistics.median(r["sec_per_iter"] for r in train) if train else None,
-                      "same_run_as": same}
+                      "speed": statistics.median(r["sec_per_iter"] for r in train) if train else None}
     return runs
-
-
-def borrowed(runs: dict) -> str:
-    """'seeds 0, 1' for the seeds whose run is another row's (SAME_RUN_AS), else ''."""
-    seeds = [str(s) for s, r in runs.items() if r["same_run_as"]]
-    return f"seed{'s' * (len(seeds) > 1)} {', '.join(seeds)}" if seeds else ""
-
-
-def borrowed_label(name: str, runs: dict) -> str:
-    """' (seeds 0, 1 = ctt_1-8)' after a row name where some of its seeds are another row's run, else ''."""
-    return f" ({borrowed(runs)} = {SAME_RUN_AS[name][0]})" if borrowed(runs) else ""
 
 
 def diagnostics(runs: dict) -> str:
@@ -289,11 +234,13 @@ def report(seeds: list, ablation_seeds: list) -> str:
     results.mkdir(exist_ok=True)
     data = {name: collect(name, seeds) for name in ROWS}
     data.update({name: collect(name, ablation_seeds) for name in ABLATIONS})
-    last = {name: {s: r["last"]["miou"] for s, r in runs.items()} for name, runs in data.items()}
-    lines = [f"# CamVid 1/8: {ITERS} iterations, one protocol", "",
+    last = {name: {s: r["last"]["test_miou"] for s, r in runs.items()} for name, runs in data.items()}
+    val = {name: {s: r["last"]["miou"] for s, r in runs.items()} for name, runs in data.items()}
+    lines = [f"# CamVid {SPLIT}: {ITERS} iterations, protocol v3, judged on test", "",
              "Written by `python scripts/camvid_table.py` (commands below). Protocol: " + " ".join(PROTOCOL[:-6]) +
-             f", {ITERS} iterations, whole-image evaluation of the 101 val images at 240x180. mIoU = the LAST "
-             "evaluation of each run (nothing is selected on val); per seed, then mean ± std over seeds. A seed "
+             f", {ITERS} iterations (chosen on supervised runs only: `results/camvid_protocol.md`). Test mIoU = the "
+             "233 test images scored once, with each run's LAST weights (nothing is selected on val or test); val = "
+             "the 101 val images at the same iteration (monitoring); per seed, then mean ± std over seeds. A seed "
              "fixes the labeled split, so gains are paired by seed: mean ± std of the per-seed differences; "
              "**above** / **below** = on that side of the reference in every seed, and the mean difference is "
              "more than twice its standard error (std / sqrt(seeds)); within = not beyond the spread. Probe = "
@@ -301,8 +248,8 @@ def report(seeds: list, ablation_seeds: list) -> str:
              "network), on every labeled pixel of 32 fixed unlabeled training images "
              "(ground truth read for the probe only). s/iter: median over the run (evaluations excluded), lowest "
              "over seeds, 2 CPU cores (the machine's speed drifts, see the README).", "",
-             "| row | what it is | seeds | last mIoU per seed | mean ± std | vs supervised 1/8 | vs mean teacher | "
-             "probe acc | s/iter |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"| row | what it is | seeds | test mIoU per seed | mean ± std | vs supervised {SPLIT} | vs the control | "
+             "val mIoU | probe acc | s/iter |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def per_seed(name, wanted):
         return " / ".join(f"{last[name][s]:.1f}" if s in last[name] else "-" for s in wanted)
@@ -315,35 +262,31 @@ def report(seeds: list, ablation_seeds: list) -> str:
                      f"{mean_std(list(last[name].values()))} | "
                      f"{paired_gain(last[name], last[BASELINE]) if name != BASELINE else '-'} | "
                      f"{paired_gain(last[name], last[CONTROL]) if name not in (BASELINE, CONTROL) else '-'} | "
-                     f"{mean_std(probe)} | {f'{min(speed):.2f}' if speed else '-'} |")
+                     f"{mean_std(list(val[name].values()))} | {mean_std(probe)} | {f'{min(speed):.2f}' if speed else '-'} |")
     old = [f"{n}_s{s}" for n in ALL for s in (seeds if n in ROWS else ablation_seeds) if stale(n, s)]
     if old:
         lines += ["", "Not shown, made by another command than their row's (delete to rerun): " + ", ".join(old)]
-    lines += ["", "Ablations and diagnostics, each paired by seed with the row it is compared with: the quirk rows "
-              "measure what a default of ours changes against the released code or our earlier default; the rows "
-              "marked as a diagnostic test the protocol itself.", "",
-              "| row | what it measures | seeds | last mIoU per seed | mean ± std | vs its default row | "
-              "vs supervised 1/8 |",
+    lines += ["", "Ablations, each paired by seed with the row it is compared with (test mIoU): what a default of "
+              "ours changes against the released code or the paper's rule.", "",
+              "| row | what it measures | seeds | test mIoU per seed | mean ± std | vs its default row | "
+              f"vs supervised {SPLIT} |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, (_, _, _, what, reference) in ABLATIONS.items():
-        if borrowed(data[name]):
-            many = borrowed(data[name]).startswith("seeds")
-            what += (f"; **{borrowed(data[name])}: the {SAME_RUN_AS[name][0]} "
-                     f"{'runs themselves' if many else 'run itself'}** ({SAME_RUN_AS[name][2]})")
         lines.append(f"| {name} | {what} | {len(data[name])}/{len(ablation_seeds)} | "
                      f"{per_seed(name, ablation_seeds)} | {mean_std(list(last[name].values()))} | {reference}: "
                      f"{paired_gain(last[name], last[reference])} | {paired_gain(last[name], last[BASELINE])} |")
     lines += ["", "What the logs say at the last evaluation (mean ± std over seeds; `miou_*` = the method's other "
               "networks, booleans = runs where true):", "", "| row | logged |", "| --- | --- |"]
-    lines += [f"| {name}{borrowed_label(name, runs)} | {diagnostics(runs)} |" for name, runs in data.items() if runs]
-    classes = next((list(r["last"]["iou"]) for runs in data.values() for r in runs.values()), [])
+    lines += [f"| {name} | {diagnostics(runs)} |" for name, runs in data.items() if runs]
+    classes = next((list(r["last"]["test_iou"]) for runs in data.values() for r in runs.values()), [])
     if classes:
-        lines += ["", "Per-class IoU (last evaluation, mean over seeds):", "",
+        lines += ["", "Per-class test IoU (last weights, mean over seeds):", "",
                   "| row | " + " | ".join(classes) + " |", "| --- |" + " --- |" * len(classes)]
         for name, runs in data.items():
             if runs:
                 lines.append(f"| {name} | " + " | ".join(
-                    f"{statistics.mean(r['last']['iou'][c] for r in runs.values()):.1f}" for c in classes) + " |")
+                    f"{statistics.mean(r['last']['test_iou'][c] for r in runs.values()):.1f}" for c in classes)
+                    + " |")
         probed = {name: [r["last"]["probe_per_class"] for r in runs.values() if "probe_per_class" in r["last"]]
                   for name, runs in data.items()}
         if any(probed.values()):
@@ -357,7 +300,7 @@ def report(seeds: list, ablation_seeds: list) -> str:
                     lines.append(f"| {name} | {len(per_class)} | " + " | ".join(
                         f"{statistics.mean(p[c]['share'] for p in per_class):.0f} / " + mean_or_dash(
                             [p[c]["acc"] for p in per_class if p[c]["acc"] is not None]) for c in classes) + " |")
-    lines += ["", "Pictures: `camvid_table.png` (last mIoU per row, a dot per seed), `camvid_miou.png` (val mIoU "
+    lines += ["", "Pictures: `camvid_table.png` (test mIoU per row, a dot per seed), `camvid_miou.png` (val mIoU "
               "over training, mean over seeds), `camvid_probe_all.png` (probe accuracy over training), "
               "`camvid_overlays.png` (3 val images, their ground truth and every row's prediction with its last "
               "weights, first seed; only rebuilt where runs/ exists).", "",
@@ -385,12 +328,13 @@ def plots(data: dict, last: dict, results: Path) -> None:
         ax.plot(values, [y] * len(values), "o", color="black", markersize=4)
     if last[BASELINE]:
         ax.axvline(statistics.mean(last[BASELINE].values()), color="gray", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(names)), [n + borrowed_label(n, data[n]) for n in names])
+    ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     lo = min(min(v.values()) for v in last.values() if v)
     ax.set_xlim(max(0, lo - 5), max(max(v.values()) for v in last.values() if v) + 2)
-    ax.set_xlabel(f"last val mIoU (%) after {ITERS} iterations\nbar = mean, dot = seed, dashed = supervised 1/8")
-    ax.set_title("CamVid 1/8 (46 labels), Lite0 DeepLabv3+, 2 CPU cores")
+    ax.set_xlabel(f"test mIoU (%), last weights after {ITERS} iterations\nbar = mean, dot = seed, dashed = "
+                  f"supervised {SPLIT}")
+    ax.set_title(f"CamVid {SPLIT} ({math.ceil(367 * Fraction(SPLIT))} labels), Lite0 DeepLabv3+, 2 CPU cores")
     fig.tight_layout()
     fig.savefig(results / "camvid_table.png", dpi=100)
     plt.close(fig)
@@ -414,7 +358,7 @@ def plots(data: dict, last: dict, results: Path) -> None:
 
 def overlays(seed: int, results: Path, count: int = 3) -> None:
     """camvid_overlays.png: `count` val images spread over val, their ground truth, and under them the
-    prediction of every row's last weights (runs/camvid/<row>_s<seed>/model_last.pt: live run folders only), in
+    prediction of every row's last weights (runs/camvid_v3/<row>_s<seed>/model_last.pt: live run folders only), in
     flat class colours, so the rows are compared on the same pixels in one small PNG (flat colours compress
     well). Each run's own overlays, with its pseudo-labels, stay in its overlays/ folder."""
     found = [(name, run_dir(name, seed) / "model_last.pt") for name in ALL]
@@ -486,11 +430,6 @@ def main():
         for name in cli.rows:
             for seed in cli.seeds if name in ROWS else cli.ablation_seeds:
                 if finished(name, seed):
-                    continue
-                same = stand_in(name, seed)
-                if same:
-                    print(f"{name} seed {seed}: the {same} run of seed {seed} is this run too "
-                          "(SAME_RUN_AS); not repeated", flush=True)
                     continue
                 if stale(name, seed):
                     print(f"skipped {name} seed {seed}: {source(name, seed)} was made by another command (its "

@@ -40,6 +40,9 @@ Choices and differences from the two sources (each with its reason):
   UniMatch passes x_l with the weak view, :146, a forward this control does not need: the teacher labels x_w).
   One backward of the sum (French et al. call backward per term: the same gradient). --joint-forward (ours,
   an ablation): one forward on [x_l; x~], BN statistics over both, as gta_seg.py, dual_teacher.py and ctt.py.
+- Ablations from French et al.'s code: `--cutmix-box french` (one half-area box on every image) and `--freeze-bn`
+  (backbone BN in eval mode for good, as in every published setting of theirs, so no strong view enters the
+  statistics the teacher averages and labels with).
 - Schedule, optimiser, crops, evaluation: the field's conventions (UniMatch's configs) and this project's
   CamVid/toy CPU settings, as for every method (README, "Choices shared by every method").
 
@@ -68,6 +71,12 @@ def parse_args(argv=None):
     parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM cross-entropy for L_sup")
     parser.add_argument("--joint-forward", action="store_true", help="ours: one student forward on [labeled; "
                         "mixed], BN statistics over both (default: two forwards, as French et al. and UniMatch)")
+    parser.add_argument("--cutmix-box", choices=["unimatch", "french"], default="unimatch",
+                        help="unimatch: one box on half the images, area U(0.02, 0.4); french: one box of half the "
+                             "area on every image (French et al.'s code)")
+    parser.add_argument("--freeze-bn", action="store_true",
+                        help="French et al.'s --freeze_bn: the backbone's BN layers normalise with their ImageNet "
+                             "statistics and never update them (student and teacher); their affine weights learn")
     args = cli.resolve_args(parser, PAPER_DEFAULTS, "mean_teacher", argv)
     if not 0.0 <= args.threshold <= 1.0 or not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--threshold must be in [0, 1] and --ema-decay in [0, 1), got {args.threshold}, "
@@ -79,6 +88,7 @@ if __name__ == "__main__":
     parse_args()  # --help and a bad flag answer here, before the imports below spend seconds loading torch
 
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
@@ -93,6 +103,45 @@ def unsupervised_loss(logits, target, confidence, valid, threshold):
     return common.confident_ce(logits, target, confidence, valid, threshold)
 
 
+def french_box_mask(batch: int, height: int, width: int, device=None) -> torch.Tensor:
+    """bool [B,H,W], True = the partner's pixels: on every image one box of half the crop's area, its height a
+    fraction h = 0.5^u (u ~ U(0, 1)) of the crop's and its width 0.5 / h, placed uniformly inside the crop (French
+    et al.'s BoxMaskGenerator with mask_prop_range 0.5, `Britefury/cutmix-semisup-seg@af6183a mask_gen.py:75-105`,
+    `run_pascal_aug_deeplab3plus_experiments.sh:21`; the box holds the second image, invert=True, :111-114)."""
+    mask = torch.zeros(batch, height, width, dtype=torch.bool, device=device)
+    for i, (u, y, x) in enumerate(torch.rand(batch, 3).tolist()):
+        h = 0.5 ** u
+        box_h, box_w = round(h * height), round(0.5 / h * width)
+        top, left = round((height - box_h) * y), round((width - box_w) * x)
+        mask[i, top:top + box_h, left:left + box_w] = True
+    return mask
+
+
+class _FrozenStatistics:
+    """Mixed into a BatchNorm's class by freeze_bn: the layer stays in eval mode whatever .train() says."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+def freeze_bn(module: nn.Module) -> None:
+    """French et al.'s --freeze_bn (every published setting of theirs, supervised baseline included:
+    `Britefury/cutmix-semisup-seg@af6183a run_pascal_aug_deeplab3plus_experiments.sh:14`): every BN layer of the
+    backbone in eval mode for good (`architectures/util.py:2-10`, `deeplab3plus.py:120-121`), so it normalises with
+    its ImageNet statistics and never averages a batch's, strong views included; its affine weights still learn.
+    A class swap rather than a flag, so that a deep copy (the teacher) and every later .train() keep it."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FrozenStatistics):
+            base = type(m)
+            if base not in _FROZEN:
+                _FROZEN[base] = type(f"Frozen{base.__name__}", (_FrozenStatistics, base), {})
+            m.__class__ = _FROZEN[base]
+            m.eval()
+
+
+_FROZEN: dict = {}  # BatchNorm class -> its frozen-statistics subclass
+
+
 def train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator, args):
     """One iteration: teacher labels on the weak view, CutMix on the strong view, L = L_sup + lambda_u L_u, an
     SGD step, then the EMA. Returns the detached loss terms."""
@@ -100,7 +149,10 @@ def train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator,
     with torch.no_grad(), accelerator.autocast():
         confidence, label = teacher(batch_u["image"]).float().softmax(1).max(1)
     x_s, valid = batch_u["image_strong"], batch_u["valid"]
-    box = cutmix_box_mask(*label.shape, p=0.5, device=label.device)  # True = the partner's pixels
+    if args.cutmix_box == "french":
+        box = french_box_mask(*label.shape, device=label.device)  # True = the partner's pixels
+    else:
+        box = cutmix_box_mask(*label.shape, p=0.5, device=label.device)
     x_mix, y_mix, c_mix, v_mix = (mix(box, t.roll(-1, 0), t) for t in (x_s, label, confidence, valid))
 
     if args.joint_forward:  # ours: BN statistics over labeled and mixed images together
@@ -135,6 +187,8 @@ def main(argv=None):
     # --- networks and optimiser: S trains, T = EMA of S (eval mode, no gradient, outside DDP) ----------------
     student = common.prepare_network(common.build_model(args.backbone, data.num_classes, args.pretrained,
                                                         args.output_stride, args.decoder_channels), accelerator)
+    if args.freeze_bn:
+        freeze_bn(student.backbone)
     teacher = common.frozen_copy(student).eval()
     optimizer = common.sgd(common.param_groups(student, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
     student, optimizer = accelerator.prepare(student, optimizer)

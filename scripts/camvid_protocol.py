@@ -86,15 +86,17 @@ def report(path: Path) -> None:
     names = sorted({p.name.rsplit("_s", 1)[0] for base in (ROOT / "runs" / "protocol",
                                                           ROOT / "results" / "camvid_protocol_runs")
                     if base.is_dir() for p in base.iterdir() if p.is_dir()})
-    rows = ["| cell | seed | test mIoU (last) | test at 3/4 | gain, last quarter | val (last) | test curve (8 evals) "
+    rows = ["| cell | seed | test mIoU (last) | test at 3/4 | gain, last quarter ((a): < 0.5 with all labels) | "
+            "val (last) | test curve (8 evals) "
             "| s/iter | min/run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    pairs = ["| share cell | all-label cell | seeds | test: share | test: all labels | all - share (paired) |",
+    pairs = ["| share cell | all-label cell | seeds | test: share | test: all labels | all - share, paired ((b): >= 5) "
+             "|",
              "| --- | --- | --- | --- | --- | --- |"]
     for name in names:
         for seed in range(5):
             s = summary(name, seed)
             if s:
-                rows.append(f"| {name} | {seed} | {s['test']:.1f} | {s['test_3q']:.1f} | {s['gain_last_quarter']:+.1f}"
+                rows.append(f"| {name} | {seed} | {s['test']:.1f} | {s['test_3q']:.1f} | {s['gain_last_quarter']:+.2f}"
                             f" | {s['val']:.1f} | {' '.join(f'{v:.1f}' for v in s['curve'])} | "
                             f"{s['sec_per_iter']:.2f} | {s['minutes']:.0f} |")
         if name.startswith("full"):

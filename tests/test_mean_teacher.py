@@ -165,3 +165,50 @@ def test_two_processes(tmp_path):
     assert (out / "checkpoints" / "last" / "random_states_1.pkl").exists()
     assert read_metrics(out)[-1]["iteration"] == 2
     load_checkpoint(out / "checkpoints" / "last")
+
+
+def test_french_box_is_half_the_crop_on_every_image_inside_it():
+    """French et al.'s box: on every image exactly one rectangle (True = partner) of about half the crop's area,
+    height and width each at least half the crop's; the rounding of the two sides moves the area by a few pixels."""
+    torch.manual_seed(0)
+    masks = mt.french_box_mask(64, 48, 64)
+    for m in masks:
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert int(m.sum()) == h * w and rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w  # one box
+        assert h >= 24 and w >= 32 and abs(h * w - 48 * 64 / 2) <= 48 + 64
+    assert len({tuple(m.nonzero()[0].tolist()) for m in masks}) > 10  # placed at random
+
+
+def test_freeze_bn_keeps_the_backbone_statistics_through_train_copy_and_steps():
+    """--freeze-bn: after any .train() call the backbone's BN layers normalise with their stored statistics and never
+    update them, in the student and in its deep copy (the teacher); their affine weights still get gradients; the
+    decoder's BN trains as usual."""
+    import common
+    net = common.build_model("resnet18", K, "none", 16, 16)
+    mt.freeze_bn(net.backbone)
+    teacher = common.frozen_copy(net)
+    net.train()
+    teacher.train()
+    frozen = [m for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in frozen]
+    decoder_bn = next(m for m in net.aspp.modules() if isinstance(m, nn.BatchNorm2d))
+    decoder_before = decoder_bn.running_mean.clone()
+    net(torch.randn(2, 3, 32, 32) * 5 + 3).sum().backward()
+    assert all(not m.training for m in frozen) and decoder_bn.training
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(frozen, before))
+    assert not torch.equal(decoder_bn.running_mean, decoder_before)
+    assert all(m.weight.grad is not None for m in frozen)
+    assert all(not m.training for m in teacher.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    assert sorted(net.state_dict()) == sorted(common.build_model("resnet18", K, "none", 16, 16).state_dict())
+
+
+def test_french_variants_end_to_end_resume_exactly_and_keep_the_backbone_statistics(tmp_path):
+    """--cutmix-box french --freeze-bn through the command line: an interrupted run continues bit for bit, and the
+    deployed teacher's backbone BN statistics are still the initial ones (zeros / ones without pretrained weights)
+    while the decoder's have moved."""
+    assert_resume_equivalent("mean_teacher.py", [*TINY, "--cutmix-box", "french", "--freeze-bn"], tmp_path, iters=4)
+    saved = torch.load(tmp_path / "straight" / "model_last.pt", weights_only=True)["model"]
+    backbone = [k for k in saved if k.startswith("backbone.") and k.endswith("running_mean")]
+    assert backbone and all(not saved[k].any() for k in backbone)
+    assert any(saved[k].any() for k in saved if k.startswith("aspp.") and k.endswith("running_mean"))

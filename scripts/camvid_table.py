@@ -9,7 +9,8 @@ otherwise (its file's defaults). A seed fixes the labeled split, the initialisat
 with the same seed share their labeled images. Reported: the LAST weights' test mIoU (nothing is selected on val
 or test), mean ± std over seeds, gains over supervised and over the control paired by seed; val beside it. The
 ablations measure what our defaults change against the released code (GTA-Seg's storage sharing, Dual Teacher's
-shift length) or an earlier switch-on (CTT's HC/LC).
+shift length), an earlier switch-on (CTT's HC/LC), and the three differences between the control and French et
+al.'s code that act on every row (their BN freezing and box, our joint forward).
 
 Runs go to runs/camvid_v3/<row>_s<seed>; a finished run is not repeated, an interrupted one resumes (--resume
 auto), and the report is rewritten after every run. The small files of every finished run (args.json,
@@ -68,6 +69,14 @@ ABLATIONS = {
     f"dual_teacher_pass_{TAG}": ("dual_teacher", SPLIT, LITE0 + ["--iters-per-epoch", str(UNLABELED_PASS)],
                                  f"a shift per pass over the unlabeled images ({UNLABELED_PASS} iterations), as the "
                                  "paper's epochs", f"dual_teacher_{TAG}"),
+    f"mean_teacher_freeze_bn_{TAG}": ("mean_teacher", SPLIT, LITE0 + ["--freeze-bn"],
+                                     "backbone BN frozen at its ImageNet statistics (French et al.'s --freeze_bn): "
+                                     "no strong view in the statistics the teacher averages", CONTROL),
+    f"mean_teacher_french_box_{TAG}": ("mean_teacher", SPLIT, LITE0 + ["--cutmix-box", "french"],
+                                       "French et al.'s CutMix box: half the area, on every image", CONTROL),
+    f"mean_teacher_joint_{TAG}": ("mean_teacher", SPLIT, LITE0 + ["--joint-forward"],
+                                  "one student forward on [labeled; mixed], BN statistics over both (ours, as "
+                                  "GTA-Seg, Dual Teacher and CTT here)", CONTROL),
     f"ctt_contrast_{TAG}": ("ctt", SPLIT, LITE0 + ["--contrast-after", str(ITERS // 10)],
                             f"HC/LC on from iteration {ITERS // 10} (10%) with the filled queue entries (ours: the "
                             "paper's rule waits for every class queue to fill)", f"ctt_{TAG}"),

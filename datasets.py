@@ -345,45 +345,62 @@ def load_pair(entry, dataset: str, num_classes: int, scale: float, with_mask: bo
 
 def _scan_cache_file() -> Path:
     import os
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "semiseg-ref" / "checked_masks.json"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "semiseg-ref" / "checked_files.json"
+
+
+def _read_scan_cache(cache_file: Path) -> dict:
+    """The files that passed the check before: {key: [width, height]}. A cache that is not that (malformed JSON,
+    a list, a value that is no size) is dropped with a one-line warning and rebuilt by this check."""
+    import json
+    try:
+        checked = json.loads(cache_file.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        problem = f"unreadable ({error})"
+    else:
+        def is_size(value) -> bool:
+            return isinstance(value, list) and len(value) == 2 and all(type(n) is int and n > 0 for n in value)
+
+        if isinstance(checked, dict) and all(map(is_size, checked.values())):
+            return checked
+        problem = "not a JSON object of [width, height] sizes"
+    print(f"warning: {cache_file}: {problem}; rebuilt from this check", file=sys.stderr)
+    return {}
 
 
 def check_files(with_mask: list, image_only: list, dataset: str, num_classes: int) -> None:
     """Start-up check of every file a run will read, so that a bad file stops the run before any training is
-    lost: each image's header (it opens, its size), each mask's values (read_mask's rule: 0..K-1 and 255) and
-    its size against its image's. Masks are decoded once per file: a mask that passed is remembered (by path,
-    size in bytes and modification time, per dataset) in ~/.cache/semiseg-ref/checked_masks.json. Any bad file
-    stops the run with one line naming it. `--no-check-data` skips the check (files are then checked only
-    when drawn)."""
+    lost: each image decoded in full (a truncated file opens, and fails only when its pixels are read), each
+    mask's values (read_mask's rule: 0..K-1 and 255) and its size against its image's. Each file is decoded once:
+    one that passed is remembered (by path, size in bytes and modification time; masks per dataset) in
+    ~/.cache/semiseg-ref/checked_files.json. Any bad file stops the run with one line naming it.
+    `--no-check-data` skips the check (files are then checked only when drawn)."""
     import json
     from concurrent.futures import ThreadPoolExecutor
     cache_file = _scan_cache_file()
-    try:
-        checked = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        checked = {}
+    checked = _read_scan_cache(cache_file)
+
+    def cache_key(kind: str, path: Path) -> str | None:
+        stat = path.stat() if path.is_file() else None
+        return f"{kind}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}" if stat else None
 
     def image_size(path: Path):
-        try:
-            with Image.open(path) as img:
-                return img.size
-        except FileNotFoundError:
-            raise ValueError(f"image file missing: {path}") from None
-        except Exception as error:
-            raise ValueError(f"unreadable image {path}: {error}") from None
+        key = cache_key("image", path)
+        return key, tuple(checked[key]) if key in checked else read_image(path).size
 
     def check(entry_and_mask):
         (image_path, mask_path, _), mask_too = entry_and_mask
-        size = image_size(image_path)
-        if not mask_too:
-            return None
-        stat = mask_path.stat() if mask_path.is_file() else None
-        key = f"{dataset}|{mask_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}" if stat else None
-        mask_size = tuple(checked[key]) if key in checked else read_mask(mask_path, dataset, num_classes).size
-        if tuple(mask_size) != tuple(size):
-            raise ValueError(f"size mismatch: image {image_path} is {size[0]}x{size[1]} but mask {mask_path} is "
-                             f"{mask_size[0]}x{mask_size[1]} (W x H)")
-        return key, list(mask_size)
+        image_key, size = image_size(image_path)
+        passed = {image_key: list(size)}
+        if mask_too:
+            key = cache_key(dataset, mask_path)
+            mask_size = tuple(checked[key]) if key in checked else read_mask(mask_path, dataset, num_classes).size
+            if mask_size != tuple(size):
+                raise ValueError(f"size mismatch: image {image_path} is {size[0]}x{size[1]} but mask {mask_path} "
+                                 f"is {mask_size[0]}x{mask_size[1]} (W x H)")
+            passed[key] = list(mask_size)
+        return passed
 
     jobs = [(e, True) for e in with_mask] + [(e, False) for e in image_only]
     with ThreadPoolExecutor(max_workers=4) as pool:  # decoding releases the GIL
@@ -391,12 +408,9 @@ def check_files(with_mask: list, image_only: list, dataset: str, num_classes: in
     errors, passed = [], {}
     for future in futures:
         try:
-            result = future.result()
+            passed.update(future.result())
         except (ValueError, FileNotFoundError) as error:
             errors.append(str(error))
-            continue
-        if result is not None and result[0] is not None:
-            passed[result[0]] = result[1]
     if passed.keys() - checked.keys():
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -234,7 +234,7 @@ def test_check_files_sizes_and_cache(tmp_path, cache_home):
     root = write_camvid(tmp_path / "camvid")
     entries = [(root / "train" / n, root / "trainannot" / n, n) for n in sorted(os.listdir(root / "train"))]
     datasets.check_files(entries, [], "camvid", 11)
-    assert len(json.loads((cache_home / "semiseg-ref" / "checked_masks.json").read_text())) == 4
+    assert len(json.loads((cache_home / "semiseg-ref" / "checked_files.json").read_text())) == 4 + 4  # images, masks
     Image.fromarray(np.zeros((20, 32), dtype=np.uint8)).save(entries[0][1])  # a changed file is checked again
     with pytest.raises(SystemExit, match=r"size mismatch: image .* is 32x24 but mask .* is 32x20"):
         datasets.check_files(entries, [], "camvid", 11)
@@ -243,6 +243,60 @@ def test_check_files_sizes_and_cache(tmp_path, cache_home):
         datasets.check_files(entries, [], "camvid", 11)
     with pytest.raises(SystemExit, match=r"unreadable image .*0001TP_000001.png"):
         datasets.check_files(entries[1:], [], "camvid", 11)
+
+
+def truncate(path: Path) -> Path:
+    """Cut a file to half its bytes: the header still opens, the pixel data ends early."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_truncated_image_stops_the_run_at_start_up(tmp_path, cache_home, split):
+    """The check read only image headers: a truncated training image crashed the run at iteration 1, a
+    truncated val image at the first evaluation, each with a traceback, and the run folder stayed."""
+    root = write_camvid(tmp_path / "camvid")
+    bad = truncate(root / split / "0001TP_000001.png")
+    out = tmp_path / "run"
+    result = run_method("supervised.py", [*CAMVID, "--data-root", str(root), "--out", str(out)], check=False)
+    assert result.returncode != 0 and "Traceback" not in output_of(result)
+    assert last_line(result).startswith(f"--data-root: unreadable image {bad}")
+    assert not out.exists()  # the folder this command created is not left behind
+
+
+def test_image_decodes_are_remembered_and_a_truncated_jpeg_is_named(tmp_path, cache_home, monkeypatch):
+    root = write_camvid(tmp_path / "camvid")
+    entries = [(root / "train" / n, root / "trainannot" / n, n) for n in sorted(os.listdir(root / "train"))]
+    decoded = []
+    real_read_image = datasets.read_image
+    monkeypatch.setattr(datasets, "read_image", lambda path: decoded.append(path) or real_read_image(path))
+    datasets.check_files(entries[:2], entries[2:], "camvid", 11)
+    assert sorted(decoded) == sorted(e[0] for e in entries)  # every image decoded in full once...
+    datasets.check_files(entries[:2], entries[2:], "camvid", 11)
+    assert len(decoded) == 4  # ...and not again while it is unchanged
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(jpeg)
+    datasets.check_files([], [(jpeg, None, "photo")], "voc", 21)
+    truncate(jpeg)  # a changed file (its size) is decoded again
+    with pytest.raises(SystemExit, match=f"^--data-root: unreadable image {jpeg}: "):
+        datasets.check_files([], [(jpeg, None, "photo")], "voc", 21)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b'{"camvid|x|1|2": "ab"}', b'{"camvid|x|1|2": [1]}',
+                                     b"\xff\xfe{}"])
+def test_a_malformed_check_cache_is_rebuilt_with_one_warning(tmp_path, cache_home, capsys, content):
+    """A cache that was a list stopped the check with an AttributeError traceback; other malformed ones were
+    read as they came or dropped without a word."""
+    root = write_camvid(tmp_path / "camvid")
+    entries = [(root / "train" / n, root / "trainannot" / n, n) for n in sorted(os.listdir(root / "train"))]
+    cache = cache_home / "semiseg-ref" / "checked_files.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(content)
+    datasets.check_files(entries, [], "camvid", 11)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith(f"warning: {cache}: ") and "rebuilt" in warning[0]
+    assert len(json.loads(cache.read_text())) == 8  # 4 images and 4 masks
 
 
 @pytest.mark.parametrize("empty", ["train", "val"])

@@ -8,6 +8,7 @@ takes. common.py re-exports these names, so `common.base_parser` etc. keep worki
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from fractions import Fraction
@@ -39,33 +40,37 @@ DATASET_DEFAULTS = {
 # ----------------------------------------------------------------------------------------------------------
 # Value checks: a bad value stops at the argparse line that names its flag, not deep inside training
 # ----------------------------------------------------------------------------------------------------------
-def _integer_at_least(text: str, minimum: int, expected: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
+def bounded(kind: type, interval: str, expected: str | None = None):
+    """An argparse type: a number of `kind` (int or float) in `interval`, written as in mathematics ("[0, 1)",
+    "(0, inf)"); nan and inf are never in it. A value outside stops at argparse's one line naming the flag and the
+    range ("argument --lr: expected a number in (0, 10], got '1e308'"); `expected` words the range otherwise."""
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    low_open, high_open = interval[0] == "(", interval[-1] == ")"
+    if expected is None and high == float("inf"):
+        expected = f"{'an integer' if kind is int else 'a finite number'} {'>' if low_open else '>='} {low:g}"
+    elif expected is None:
+        expected = f"{'an integer' if kind is int else 'a number'} in {interval}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        inside = (value is not None and (kind is int or math.isfinite(value))
+                  and (low < value if low_open else low <= value) and (value < high if high_open else value <= high))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} in {interval}"  # how argparse names the type in its own messages
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (`--crop-size 0` used to pass and fail later inside conv2d)."""
-    return _integer_at_least(text, 1, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    return _integer_at_least(text, 0, "an integer >= 0")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+positive_int = bounded(int, "[1, inf)", "a positive integer")
+non_negative_int = bounded(int, "[0, inf)")
+positive_float = bounded(float, "(0, inf)")
+non_negative_float = bounded(float, "[0, inf)")  # loss weights
+probability = bounded(float, "[0, 1]")  # probabilities, confidence thresholds, caps of EMA decays
 
 
 def parse_split(text: str) -> str | int | Fraction:
@@ -138,8 +143,9 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
     p.add_argument("--output-stride", type=int, choices=[16, 8])
     p.add_argument("--decoder-channels", type=positive_int, help="width of ASPP and decoder (256 in DeepLabv3+)")
     p.add_argument("--crop-size", type=positive_int, nargs="+", help="one size (square) or H W")
-    p.add_argument("--image-scale", type=positive_float,
-                   help="resize every image and mask by this factor when read")
+    p.add_argument("--image-scale", type=bounded(float, "[0.05, 4]"),
+                   help="resize every image and mask by this factor when read (0.05 to 4, a range of ours: a toy "
+                        "scene at 0.05 is 3x4 pixels and still trains)")
     p.add_argument("--batch-size", type=positive_int,
                    help="labeled images per process and iteration (default: the paper's global batch divided "
                         "by the number of processes)")
@@ -149,9 +155,13 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
                    help="unlabeled images per process and iteration (default: as --batch-size when that is given, "
                         "else the paper's global unlabeled batch divided by the number of processes)"
                    if unlabeled_stream else argparse.SUPPRESS)
-    p.add_argument("--lr", type=positive_float, help="backbone learning rate (the head uses lr x --head-lr-mult)")
-    p.add_argument("--head-lr-mult", type=float, help="learning-rate factor of ASPP, decoder and classifier")
-    p.add_argument("--weight-decay", type=float)
+    # The ranges of --lr, --head-lr-mult and --weight-decay are ours: far beyond any paper's values, yet finite
+    # for SGD (lr x mult x decay), so a typo stops here rather than as a non-finite loss.
+    p.add_argument("--lr", type=bounded(float, "(0, 10]"),
+                   help="backbone learning rate (the head uses lr x --head-lr-mult)")
+    p.add_argument("--head-lr-mult", type=bounded(float, "(0, 100]"),
+                   help="learning-rate factor of ASPP, decoder and classifier")
+    p.add_argument("--weight-decay", type=bounded(float, "[0, 1]"))
     p.add_argument("--epochs", type=positive_int, help="training length in epochs (the method says what an epoch "
                                                        "is); --iters wins when both are set")
     p.add_argument("--iters", type=positive_int, help="training length in iterations; wins over --epochs")
@@ -163,7 +173,9 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
                         "weights at the end of the run, at every evaluation as well (a learning curve; select "
                         "nothing on it), or never")
     p.add_argument("--out", help="run folder (default runs/<method>_<dataset>_<split>_s<seed>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the streams")
+    # up to 2**31 - 1: each process seeds numpy with --seed + its index, which must stay below 2**32
+    p.add_argument("--seed", type=bounded(int, "[0, 2147483647]"), default=0,
+                   help="seed of the split, the initialisation and the streams")
     p.add_argument("--stop-at", type=positive_int, help="checkpoint and exit after this iteration (time-limited "
                                                         "jobs); the schedule still runs to --iters, continue with "
                                                         "--resume auto")
@@ -182,7 +194,8 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that holds a run (deletes its checkpoints, weights and logs)")
     p.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
-                   help="check every file's header, size and mask values before training")
+                   help="decode every image and mask before training (each file once; remembered in "
+                        "~/.cache/semiseg-ref) and check their sizes and the mask values")
     return p
 
 
@@ -210,18 +223,24 @@ def _show_dataset_defaults(parser: argparse.ArgumentParser, method_defaults: dic
             action.help = f"{action.help} {note}" if action.help else note
 
 
+def _looks_negative(text: str) -> bool:
+    return text[:1] == "-" and (text[1:2].isdigit() or text[1:2] == "."
+                                or text[1:].lower() in ("inf", "infinity", "nan"))
+
+
 def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method: str, argv=None) -> argparse.Namespace:
     """Parse, then fill every flag left at None from method_defaults[dataset] (the paper's values), then from
     DATASET_DEFAULTS[dataset] (the field's conventions). --iters wins over --epochs. A switch that nothing sets
     is False, so args.json holds true/false."""
     _show_dataset_defaults(parser, method_defaults)
     argv = list(sys.argv[1:] if argv is None else argv)
-    # argparse (Python 3.11) reads "--split -1/8" as the flag followed by an unknown option "-1/8" and says only
-    # "expected one argument"; glued as "--split=-1/8" the value reaches split_type, which says what is expected.
-    for i in range(len(argv) - 1):
-        if argv[i] == "--split" and argv[i + 1][:1] == "-" and argv[i + 1][1:2].isdigit():
-            argv[i:i + 2] = [f"--split={argv[i + 1]}"]
-            break
+    # argparse (Python 3.11) reads "--split -1/8", "--lr -1e-3" or "--lr -inf" as the flag followed by an unknown
+    # option and says only "expected one argument"; glued as "--lr=-inf" the value reaches the flag's type, which
+    # says what is expected.
+    for i in range(len(argv) - 2, -1, -1):
+        action = parser._option_string_actions.get(argv[i])
+        if action is not None and action.nargs is None and _looks_negative(argv[i + 1]):
+            argv[i:i + 2] = [f"{argv[i]}={argv[i + 1]}"]
     args = parser.parse_args(argv)
     epochs_only = args.epochs is not None and args.iters is None
     for table in (method_defaults.get(args.dataset, {}), DATASET_DEFAULTS[args.dataset]):

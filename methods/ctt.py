@@ -77,35 +77,37 @@ PAPER_DEFAULTS = {
 
 def parse_args(argv=None):
     parser = cli.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=2, help="student-teacher pairs (paper Table 6: 1, 2, 3)")
+    parser.add_argument("--pairs", type=cli.bounded(int, "[1, 8]"), default=2,
+                        help="student-teacher pairs (paper Table 6: 1, 2, 3)")
     parser.add_argument("--mix", choices=["classmix", "cutmix", "none"], default="classmix",
                         help="how each student's strong view of the unlabeled batch is mixed")
-    parser.add_argument("--ema-decay", type=float, default=0.99, help="cap of each teacher's EMA decay ramp")
+    parser.add_argument("--ema-decay", type=cli.probability, default=0.99, help="cap of each teacher's EMA decay ramp")
     parser.add_argument("--teacher-bn", choices=["train", "eval"], default="train", help="teachers' BatchNorm: "
                         "train = batch statistics; eval = running statistics copied from the student")
-    parser.add_argument("--ct-threshold", type=float, default=0.968, help="confidence counted in the CT weight w")
-    parser.add_argument("--queue-size", type=int, default=128, help="Q per class (paper Table 7)")
-    parser.add_argument("--bank-threshold", type=float, default=0.0, help="bank entry also needs softmax >= this "
-                        "(0: the paper's rule, correct + top-k; 0.95: our earlier confidence-gated entry)")
-    parser.add_argument("--gamma", type=float, default=0.75, help="HC/LC split of pixels (paper Eq. 7, Table 8)")
+    parser.add_argument("--ct-threshold", type=cli.probability, default=0.968,
+                        help="confidence counted in the CT weight w")
+    parser.add_argument("--queue-size", type=cli.positive_int, default=128, help="Q per class (paper Table 7)")
+    parser.add_argument("--bank-threshold", type=cli.probability, default=0.0,
+                        help="bank entry also needs softmax >= this (0: the paper's rule, correct + top-k; 0.95: "
+                             "our earlier confidence-gated entry)")
+    parser.add_argument("--gamma", type=cli.probability, default=0.75,
+                        help="HC/LC split of pixels (paper Eq. 7, Table 8)")
     parser.add_argument("--hc-labeled", choices=["confident", "all"], default="confident",
                         help="labeled HC queries: own confidence >= gamma (paper Eq. 7) or all (official code)")
-    parser.add_argument("--tau-hc", type=float, default=0.1, help="temperature of the high-confidence loss")
-    parser.add_argument("--tau-lc", type=float, default=0.5, help="temperature of the low-confidence loss")
-    parser.add_argument("--lambda-ct", type=float, default=1.0, help="weight of the cross-teacher loss")
-    parser.add_argument("--lambda-hc", type=float, default=0.1,
+    parser.add_argument("--tau-hc", type=cli.positive_float, default=0.1,
+                        help="temperature of the high-confidence loss")
+    parser.add_argument("--tau-lc", type=cli.positive_float, default=0.5,
+                        help="temperature of the low-confidence loss")
+    parser.add_argument("--lambda-ct", type=cli.non_negative_float, default=1.0,
+                        help="weight of the cross-teacher loss")
+    parser.add_argument("--lambda-hc", type=cli.non_negative_float, default=0.1,
                         help="0 and --lambda-lc 0: paper Table 5 'CTT w/o HC and LC' (no banks)")
-    parser.add_argument("--lambda-lc", type=float, default=0.1, help="weight of the low-confidence loss")
-    parser.add_argument("--contrast-after", type=int, help="fallback (ours, off by default): switch HC/LC on after "
-                        "this many iterations even if some queue is not full, using the filled entries only")
-    args = cli.resolve_args(parser, PAPER_DEFAULTS, "ctt", argv)
-    checks = [("pairs", 1 <= args.pairs <= 8, "between 1 and 8"), ("tau_hc", args.tau_hc > 0, "positive"),
-              ("tau_lc", args.tau_lc > 0, "positive"), ("gamma", 0 <= args.gamma <= 1, "in [0, 1]"),
-              ("bank_threshold", 0 <= args.bank_threshold <= 1, "in [0, 1]")]
-    for flag, ok, expected in checks:
-        if not ok:
-            parser.error(f"--{flag.replace('_', '-')} must be {expected}, got {getattr(args, flag)}")
-    return args
+    parser.add_argument("--lambda-lc", type=cli.non_negative_float, default=0.1,
+                        help="weight of the low-confidence loss")
+    parser.add_argument("--contrast-after", type=cli.non_negative_int,
+                        help="fallback (ours, off by default): switch HC/LC on after this many iterations even if "
+                             "some queue is not full, using the filled entries only")
+    return cli.resolve_args(parser, PAPER_DEFAULTS, "ctt", argv)
 
 
 if __name__ == "__main__":

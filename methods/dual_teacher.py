@@ -91,7 +91,7 @@ PAPER_DEFAULTS = {
 
 def parse_args(argv=None):
     parser = cli.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--drop-path", type=float, default=0.1,
+    parser.add_argument("--drop-path", type=cli.bounded(float, "[0, 1)"), default=0.1,
                         help="student's maximum drop-path rate, linear from 0 over the backbone blocks that have a "
                              "residual connection (every ResNet block); the MiT student's 0.1")
     parser.add_argument("--iters-per-epoch", type=cli.positive_int,

@@ -96,18 +96,20 @@ def parse_args(argv=None):
                         help="ablation: reproduce the released code's storage sharing (teacher, assistant and student "
                              "share every parameter in the first semi-supervised epoch, then the student's and the "
                              "assistant's mask predictor; docstring); off: the paper's method")
-    parser.add_argument("--ema-decay", type=float, help="cap of the teacher's EMA decay (0.999, config.yaml:68)")
-    parser.add_argument("--ta-ema-decay", type=float, help="cap of the assistant->student EMA decay (0.999, "
-                                                           "hard-coded in train_gta.py:418)")
-    parser.add_argument("--drop-ratio", type=float, default=0.2, help="fraction of least confident pixels "
-                                                                      "dropped from L_u (80%% kept, config.yaml:42)")
-    parser.add_argument("--cutmix-p", type=float, default=0.5, help="probability of CutMix per batch "
-                                                                    "(train_gta.py:347)")
+    parser.add_argument("--ema-decay", type=cli.probability, help="cap of the teacher's EMA decay (0.999, "
+                                                                  "config.yaml:68)")
+    parser.add_argument("--ta-ema-decay", type=cli.probability, help="cap of the assistant->student EMA decay "
+                                                                     "(0.999, hard-coded in train_gta.py:418)")
+    parser.add_argument("--drop-ratio", type=cli.bounded(float, "[0, 1)"), default=0.2,
+                        help="fraction of least confident pixels dropped from L_u (80%% kept, config.yaml:42)")
+    parser.add_argument("--cutmix-p", type=cli.probability, default=0.5, help="probability of CutMix per batch "
+                                                                             "(train_gta.py:347)")
     parser.add_argument("--scale-rule", choices=["uniform", "u2pl"], default="uniform",
                         help="weak pipeline rescale: uniform = the shared U(0.5, 2.0); u2pl = the code's U[0.5, 1) "
                              "or U[1, 2) with probability 1/2 each (augmentation.py:190-194)")
-    parser.add_argument("--iters-per-epoch", type=int, help="iterations per epoch (default: one pass over the "
-                                                            "unlabeled set); the first epoch is supervised only")
+    parser.add_argument("--iters-per-epoch", type=cli.positive_int,
+                        help="iterations per epoch (default: one pass over the unlabeled set); the first epoch is "
+                             "supervised only")
     return cli.resolve_args(parser, PAPER_DEFAULTS, "gta_seg", argv)
 
 

@@ -65,9 +65,10 @@ PAPER_DEFAULTS = {"voc": dict(threshold=0.95), "cityscapes": dict(ohem=True, thr
 
 def parse_args(argv=None):
     parser = cli.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--threshold", type=float, help="tau: teacher confidence a pseudo-label needs")
-    parser.add_argument("--lambda-u", type=float, default=1.0, help="weight of L_u (ours: 1)")
-    parser.add_argument("--ema-decay", type=float, default=0.99, help="cap of the teacher's EMA decay ramp")
+    parser.add_argument("--threshold", type=cli.probability, help="tau: teacher confidence a pseudo-label needs")
+    parser.add_argument("--lambda-u", type=cli.non_negative_float, default=1.0, help="weight of L_u (ours: 1)")
+    parser.add_argument("--ema-decay", type=cli.bounded(float, "[0, 1)"), default=0.99,
+                        help="cap of the teacher's EMA decay ramp")
     parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM cross-entropy for L_sup")
     parser.add_argument("--joint-forward", action="store_true", help="ours: one student forward on [labeled; "
                         "mixed], BN statistics over both (default: two forwards, as French et al. and UniMatch)")
@@ -77,11 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--freeze-bn", action="store_true",
                         help="French et al.'s --freeze_bn: the backbone's BN layers normalise with their ImageNet "
                              "statistics and never update them (student and teacher); their affine weights learn")
-    args = cli.resolve_args(parser, PAPER_DEFAULTS, "mean_teacher", argv)
-    if not 0.0 <= args.threshold <= 1.0 or not 0.0 <= args.ema_decay < 1.0:
-        parser.error(f"--threshold must be in [0, 1] and --ema-decay in [0, 1), got {args.threshold}, "
-                     f"{args.ema_decay}")
-    return args
+    return cli.resolve_args(parser, PAPER_DEFAULTS, "mean_teacher", argv)
 
 
 if __name__ == "__main__":

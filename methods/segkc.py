@@ -100,14 +100,16 @@ def parse_args(argv=None):
     parser.add_argument("--junior-backbone", choices=cli.BACKBONES, help="J, the evaluated and deployed network")
     parser.add_argument("--senior-pretrained", help="the senior's weights: imagenet, none or a path (default: as "
                         "--pretrained); with --senior-backbone resnet18 and none: the from-scratch senior")
-    parser.add_argument("--lambda-cps", type=float, help="CPS weight (CPS+CutMix's on VOC and Cityscapes; ours "
-                                                         "on camvid/toy)")
+    parser.add_argument("--lambda-cps", type=cli.non_negative_float,
+                        help="CPS weight (CPS+CutMix's on VOC and Cityscapes; ours on camvid/toy)")
     for name, what in (("feat-s2j", "feature KC, junior consults senior"),
                        ("feat-j2s", "feature KC, senior consults junior"),
                        ("pred-s2j", "prediction KC, junior consults senior"),
                        ("pred-j2s", "prediction KC, senior consults junior")):
-        parser.add_argument(f"--kc-{name}", type=float, default=1.0, help=f"weight of {what}; 0: off (ours: 1)")
-    parser.add_argument("--kc-temperature", type=float, default=1.0, help="T of the prediction-level KL (ours)")
+        parser.add_argument(f"--kc-{name}", type=cli.non_negative_float, default=1.0,
+                            help=f"weight of {what}; 0: off (ours: 1)")
+    parser.add_argument("--kc-temperature", type=cli.positive_float, default=1.0,
+                        help="T of the prediction-level KL (ours)")
     parser.add_argument("--selective", action="store_true",
                         help="consult only where the consulted network is more confident (choice 6)")
     parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM supervised CE (as CPS)")
@@ -119,8 +121,6 @@ def parse_args(argv=None):
         args.junior_backbone = given.backbone
     args.backbone = args.junior_backbone  # what evaluate.py rebuilds from model_*.pt: the junior
     args.senior_pretrained = args.senior_pretrained or args.pretrained
-    if args.kc_temperature <= 0:
-        parser.error("--kc-temperature must be positive")
     return args
 
 

@@ -145,7 +145,7 @@ def test_defaults_per_dataset():
 def test_bad_threshold_is_one_line(tmp_path):
     result = run_method("mean_teacher.py", [*TINY, "--iters", "2", "--threshold", "1.5", "--out", str(tmp_path)],
                         check=False)
-    assert result.returncode == 2 and "--threshold must be in [0, 1]" in result.stderr
+    assert result.returncode == 2 and "argument --threshold: expected a number in [0, 1], got '1.5'" in result.stderr
 
 
 def test_single_process_end_to_end_and_resume(tmp_path):

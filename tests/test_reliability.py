@@ -1,6 +1,8 @@
 """Reliability and security, tried as a hostile or unlucky user would: every state a crash in the checkpoint
 swap can leave, payloads in weights and checkpoint files, a run folder reused with other arguments, bad data
 found at start-up, an incomplete checkpoint, unclear errors, duplicate records after a resume."""
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY, read_metrics, run_method
 
+import cli
 import common
 import datasets
 
@@ -335,6 +338,91 @@ def test_accelerate_launch_quiet_stops_in_one_line(tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode != 0 and "CalledProcessError" not in output_of(result)
     assert last_line(result).startswith("--data-root") and not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every numeric flag of every method is range-checked when the command line is parsed
+# ----------------------------------------------------------------------------------------------------------
+METHODS = ["supervised", "mean_teacher", "gta_seg", "dual_teacher", "ctt", "segkc"]
+
+
+@functools.cache
+def method_module(name):
+    spec = importlib.util.spec_from_file_location(f"method_{name}", ROOT / "methods" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The values a hostile pass found accepted silently or failing later with a traceback, then neighbours of them.
+SHARED_BAD = [("--head-lr-mult", "-1"), ("--head-lr-mult", "nan"), ("--weight-decay", "-1"), ("--weight-decay", "nan"),
+              ("--seed", "-1"), ("--lr", "1e308"), ("--image-scale", "1e-9"), ("--image-scale", "1e300"),
+              ("--head-lr-mult", "inf"), ("--head-lr-mult", "0"), ("--weight-decay", "inf"), ("--lr", "nan"),
+              ("--lr", "-inf"), ("--lr", "-1e-3"), ("--lr", "0"), ("--image-scale", "nan"), ("--seed", "1.5"), ("--seed", "2147483648")]
+OWN_BAD = [("mean_teacher", "--lambda-u", "-1"), ("mean_teacher", "--lambda-u", "nan"),
+           ("gta_seg", "--ema-decay", "nan"), ("gta_seg", "--ta-ema-decay", "5"), ("gta_seg", "--cutmix-p", "nan"),
+           ("gta_seg", "--iters-per-epoch", "0"), ("gta_seg", "--iters-per-epoch", "-1"),
+           ("gta_seg", "--drop-ratio", "nan"), ("gta_seg", "--drop-ratio", "-1"),
+           ("ctt", "--ema-decay", "nan"), ("ctt", "--ct-threshold", "nan"), ("ctt", "--contrast-after", "-1"),
+           ("ctt", "--queue-size", "0"), ("ctt", "--queue-size", "-5"), ("ctt", "--lambda-ct", "nan"),
+           ("dual_teacher", "--drop-path", "nan"), ("dual_teacher", "--drop-path", "-1"),
+           ("dual_teacher", "--drop-path", "2"),
+           ("segkc", "--kc-temperature", "nan"), ("segkc", "--kc-temperature", "inf"), ("segkc", "--lambda-cps", "nan"),
+           ("mean_teacher", "--lambda-u", "inf"), ("mean_teacher", "--ema-decay", "nan"),
+           ("mean_teacher", "--ema-decay", "1"), ("mean_teacher", "--threshold", "nan"),
+           ("gta_seg", "--drop-ratio", "1"), ("gta_seg", "--cutmix-p", "1.5"), ("gta_seg", "--ema-decay", "-0.1"),
+           ("gta_seg", "--ta-ema-decay", "nan"),
+           ("dual_teacher", "--iters-per-epoch", "0"),
+           ("ctt", "--ema-decay", "1.5"), ("ctt", "--ct-threshold", "-1"), ("ctt", "--lambda-hc", "-1"),
+           ("ctt", "--lambda-lc", "inf"), ("ctt", "--tau-hc", "inf"), ("ctt", "--tau-lc", "nan"),
+           ("ctt", "--gamma", "nan"), ("ctt", "--bank-threshold", "nan"), ("ctt", "--pairs", "0"),
+           ("ctt", "--contrast-after", "1.5"),
+           ("segkc", "--kc-temperature", "0"), ("segkc", "--lambda-cps", "-1"), ("segkc", "--kc-feat-s2j", "-1"),
+           ("segkc", "--kc-feat-j2s", "nan"), ("segkc", "--kc-pred-s2j", "inf"), ("segkc", "--kc-pred-j2s", "-0.5")]
+
+
+@pytest.mark.parametrize("method, flag, value", [(m, f, v) for m in METHODS for f, v in SHARED_BAD] + OWN_BAD)
+def test_a_numeric_flag_out_of_its_range_is_one_line_naming_it(method, flag, value, capsys):
+    """Each of these was accepted without a word (and trained on, or failed hours later), or ended in a
+    traceback; now argparse's one line names the flag and the range it expects."""
+    with pytest.raises(SystemExit) as error:
+        method_module(method).parse_args(["--dataset", "toy", flag, value])
+    assert error.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {flag}: expected " in last and f"got {value!r}" in last, last
+
+
+def test_every_numeric_flag_has_a_range(monkeypatch):
+    """A flag typed plain int or float takes nan, inf and negative counts: none is left."""
+    parsers = []
+    resolve = cli.resolve_args
+    monkeypatch.setattr(cli, "resolve_args", lambda parser, *rest: parsers.append(parser) or resolve(parser, *rest))
+    for name in METHODS:
+        method_module(name).parse_args(["--dataset", "toy"])
+    unchecked = [(p.description, a.option_strings) for p in parsers for a in p._actions
+                 if a.type in (int, float) and not a.choices]
+    assert len(parsers) == len(METHODS) and not unchecked
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("supervised", ["--lr", "10", "--head-lr-mult", "100", "--weight-decay", "0", "--seed", "0", "--image-scale", "4"]),
+    ("supervised", ["--lr", "1e-8", "--weight-decay", "1", "--seed", "2147483647", "--image-scale", "0.05"]),
+    ("mean_teacher", ["--lambda-u", "0", "--ema-decay", "0", "--threshold", "1"]),
+    ("gta_seg", ["--ema-decay", "1", "--ta-ema-decay", "0", "--cutmix-p", "1", "--drop-ratio", "0",
+                 "--iters-per-epoch", "1"]),
+    ("dual_teacher", ["--drop-path", "0", "--iters-per-epoch", "1"]),
+    ("ctt", ["--ema-decay", "1", "--ct-threshold", "0", "--contrast-after", "0", "--queue-size", "1", "--pairs", "8",
+             "--lambda-ct", "0", "--lambda-hc", "0", "--lambda-lc", "0", "--tau-hc", "1e-3"]),
+    ("segkc", ["--lambda-cps", "0", "--kc-temperature", "0.01", "--kc-feat-s2j", "0", "--kc-pred-j2s", "2.5"]),
+])
+def test_numeric_flags_at_the_ends_of_their_ranges_are_accepted(method, flags):
+    args = method_module(method).parse_args(["--dataset", "toy", *flags])
+    for flag, value in zip(flags[::2], flags[1::2]):
+        parsed = getattr(args, flag[2:].replace("-", "_"))
+        assert parsed == float(value) and isinstance(parsed, int if flag in INTEGER_FLAGS else float), flag
+
+
+INTEGER_FLAGS = {"--seed", "--iters-per-epoch", "--contrast-after", "--queue-size", "--pairs"}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ BACKBONES = ["resnet18", "resnet50", "resnet101", "efficientnet_lite0", "efficie
 
 # The field's per-dataset conventions: UniMatch's configs (`LiheYoung/UniMatch@0324f3d configs/pascal.yaml`,
 # `cityscapes.yaml`; SGD momentum 0.9, wd 1e-4, poly 0.9 in supervised.py:113-115, 182-184). A method overrides
-# what its paper changes; camvid and toy are this project's CPU settings (not from any paper).
+# what its paper changes; camvid and toy are this project's CPU settings (not from any paper), and a folder
+# dataset (your own data) starts from CamVid's, with the method's CamVid values (FOLDER_DEFAULTS_FROM).
 DATASET_DEFAULTS = {
     "voc": dict(backbone="resnet101", pretrained="imagenet", output_stride=16, decoder_channels=256,
                 crop_size=[321, 321], image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.001,
@@ -35,6 +36,12 @@ DATASET_DEFAULTS = {
                 image_scale=1.0, global_batch=8, global_unlabeled_batch=8, lr=0.01, head_lr_mult=1.0,
                 weight_decay=1e-4, iters=300, eval_every=100, eval_mode="whole"),
 }
+FOLDER_DEFAULTS_FROM = "camvid"
+# Ours: the folder's images may be many and large, so decoded images are not kept in the workers unless asked.
+DATASET_DEFAULTS["folder"] = {**DATASET_DEFAULTS[FOLDER_DEFAULTS_FROM], "cache_images": False, "split": "full"}
+# --split: the field's 1/8 of a labeled pool; on your own data every train image with a mask is labeled.
+for _conventions in DATASET_DEFAULTS.values():
+    _conventions.setdefault("split", "1/8")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,6 +115,18 @@ def available_cores() -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------
+def description(doc: str) -> str:
+    """--help's description: the first sentence of a script's docstring, whole (its first paragraph, up to the
+    first full stop outside parentheses), on one line."""
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "." and depth == 0 and text[i + 1:i + 2] in ("", " "):
+            return text[:i + 1]
+    return text
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help ends every flag's line with its default. (argparse's ArgumentDefaultsHelpFormatter would print
     'default: None' for the flags filled per dataset; resolve_args writes their per-dataset values instead.)"""
@@ -124,12 +143,13 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
     values, then from DATASET_DEFAULTS. unlabeled_stream=False (the supervised baseline): no unlabeled batch
     to size, so --unlabeled-batch-size is not offered."""
     p = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=["voc", "cityscapes", "camvid", "toy"], default="voc",
-                   help="which dataset; its values fill the flags left unset (listed per dataset below)")
+    p.add_argument("--dataset", choices=[*DATASET_DEFAULTS], default="voc",
+                   help="which dataset; its values fill the flags left unset (listed per dataset below); folder: "
+                        "your own data under --data-root (README, 'Your own data')")
     p.add_argument("--data-root", help="dataset folder (default: data/VOC2012, data/cityscapes, "
-                                       "../shared/data/camvid; unused for toy)")
-    p.add_argument("--split", type=split_type, default="1/8",
-                   help="labeled subset: a fraction (1/8), a count (183) or 'full'")
+                                       "../shared/data/camvid; unused for toy; required for folder)")
+    p.add_argument("--split", type=split_type,
+                   help="labeled subset of the labeled pool: a fraction (1/8), a count (183) or 'full'")
     p.add_argument("--protocol", choices=["classic", "blender"], default="classic",
                    help="VOC only: classic draws labels from the 1,464 fine images (1/8 = 183), blender from all "
                         "10,582 (1/8 = 1,323)")
@@ -137,7 +157,7 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
                    help="how --split draws the labeled images from --seed: 'random' uniformly, as the field's split "
                         "files are; 'spread' (CamVid only) evenly over each video sequence, no two neighbouring frames")
     p.add_argument("--split-dir", help="folder with labeled.txt / unlabeled.txt (UniMatch or U2PL format) "
-                                       "instead of a split drawn from --seed")
+                                       "instead of --split; the run is named list-<folder name>")
     p.add_argument("--backbone", choices=BACKBONES)
     p.add_argument("--pretrained", help="imagenet, none, or the path of a backbone state dict")
     p.add_argument("--output-stride", type=int, choices=[16, 8])
@@ -189,8 +209,9 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
     p.add_argument("--log-every", type=positive_int, default=20, help="iterations between progress/loss updates")
     p.add_argument("--num-overlays", type=non_negative_int, default=4,
                    help="val images drawn as PNG overlays per eval")
-    p.add_argument("--log-with", choices=["tensorboard"], help="also log to an Accelerate tracker "
-                                                               "(pip install -r requirements-extra.txt)")
+    p.add_argument("--log-with", choices=["tensorboard", "wandb"],
+                   help="also log losses, lr, every mIoU and the overlays to an Accelerate tracker (pip install -r "
+                        "requirements-extra.txt; wandb offline: WANDB_MODE=offline)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that holds a run (deletes its checkpoints, weights and logs)")
     p.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
@@ -208,7 +229,7 @@ def _show_dataset_defaults(parser: argparse.ArgumentParser, method_defaults: dic
             continue
         shown = {}
         for dataset, conventions in DATASET_DEFAULTS.items():
-            value = {**conventions, **method_defaults.get(dataset, {})}.get(action.dest)
+            value = {**conventions, **method_table(method_defaults, dataset)}.get(action.dest)
             if value is None and isinstance(action, argparse.BooleanOptionalAction):
                 value = False  # a switch that no table turns on is off
             if value is not None:
@@ -228,6 +249,28 @@ def _looks_negative(text: str) -> bool:
                                 or text[1:].lower() in ("inf", "infinity", "nan"))
 
 
+def method_table(method_defaults: dict, dataset: str) -> dict:
+    """A method's per-dataset values; a folder dataset takes the method's CamVid values (the CPU settings)."""
+    return method_defaults.get(dataset, method_defaults.get(FOLDER_DEFAULTS_FROM, {}) if dataset == "folder" else {})
+
+
+def read_split_list(parser: argparse.ArgumentParser, split_dir: str) -> dict:
+    """What args.json records of a --split-dir: its path, its number of labeled images and the sha256 of each list
+    (`sha256sum labeled.txt unlabeled.txt` prints the same), so that a run names the exact list it used."""
+    import hashlib
+    record = {"path": str(Path(split_dir).resolve())}
+    for name in ("labeled.txt", "unlabeled.txt"):
+        try:
+            content = (Path(split_dir) / name).read_bytes()
+        except OSError as error:
+            parser.error(f"--split-dir {split_dir}: cannot read {name} ({error.strerror or error}); expected "
+                         f"labeled.txt and unlabeled.txt")
+        if name == "labeled.txt":
+            record["labels"] = sum(1 for line in content.decode(errors="replace").splitlines() if line.strip())
+        record[f"{name.split('.')[0]}_sha256"] = hashlib.sha256(content).hexdigest()
+    return record
+
+
 def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method: str, argv=None) -> argparse.Namespace:
     """Parse, then fill every flag left at None from method_defaults[dataset] (the paper's values), then from
     DATASET_DEFAULTS[dataset] (the field's conventions). --iters wins over --epochs. A switch that nothing sets
@@ -242,8 +285,10 @@ def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method:
         if action is not None and action.nargs is None and _looks_negative(argv[i + 1]):
             argv[i:i + 2] = [f"{argv[i]}={argv[i + 1]}"]
     args = parser.parse_args(argv)
+    if args.split_dir is not None and args.split is not None:
+        parser.error("--split and --split-dir: give one (--split-dir's lists decide the labeled images)")
     epochs_only = args.epochs is not None and args.iters is None
-    for table in (method_defaults.get(args.dataset, {}), DATASET_DEFAULTS[args.dataset]):
+    for table in (method_table(method_defaults, args.dataset), DATASET_DEFAULTS[args.dataset]):
         for key, value in table.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
@@ -252,6 +297,9 @@ def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method:
             setattr(args, action.dest, False)
     if epochs_only:
         args.iters = None  # the user asked for epochs: an iteration default must not override them
+    if args.data_root is None and args.dataset == "folder":
+        parser.error("--dataset folder needs --data-root DATA (DATA/images/train, DATA/masks/train, DATA/images/val, "
+                     "DATA/masks/val, DATA/classes.txt)")
     if args.data_root is None:
         args.data_root = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
                           "camvid": str(Path(__file__).resolve().parent.parent / "shared/data/camvid"),
@@ -266,7 +314,11 @@ def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method:
                      f"{args.dataset} draws 'random'")
     if args.iters is None and args.epochs is None:
         parser.error("give --iters or --epochs")
+    if args.split_dir is not None:
+        args.split_list = read_split_list(parser, args.split_dir)
+        args.split = f"list-{Path(args.split_list['path']).name}"  # names the run; the lists decide the labels
     if args.out is None:
-        args.out = f"runs/{method}_{args.dataset}_{args.split.replace('/', '-')}_s{args.seed}"
+        dataset = args.dataset if args.dataset != "folder" else f"folder-{Path(args.data_root).resolve().name}"
+        args.out = f"runs/{method}_{dataset}_{args.split.replace('/', '-')}_s{args.seed}"
     args.method = method
     return args

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -469,14 +470,17 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def iou_from_confusion(cm: torch.Tensor) -> tuple[float, list[float]]:
+def iou_from_confusion(cm: torch.Tensor, present_only: bool = False) -> tuple[float, list[float | None]]:
     """IoU_c = inter / union summed over the whole set (not a mean over images); mIoU over all classes, a
-    class absent from both prediction and ground truth counts 0 (UniMatch's convention)."""
+    class absent from both prediction and ground truth counts 0 (UniMatch's convention). present_only (your own
+    data): a class absent from the ground truth is None (absent) and left out of the mean."""
     cm = cm.double()
     inter = cm.diag()
     union = cm.sum(0) + cm.sum(1) - inter
-    iou = (inter / (union + 1e-10)).tolist()
-    return 100.0 * sum(iou) / len(iou), [100.0 * v for v in iou]
+    iou = [100.0 * v if not present_only or n > 0 else None
+           for v, n in zip((inter / (union + 1e-10)).tolist(), cm.sum(1).tolist())]
+    counted = [v for v in iou if v is not None]
+    return sum(counted) / max(len(counted), 1), iou
 
 
 @torch.no_grad()
@@ -505,7 +509,7 @@ def predict(model: nn.Module, image: torch.Tensor, num_classes: int, mode: str =
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, mode: str = "whole",
-             window=None) -> dict:
+             window=None, present_only: bool = False) -> dict:
     """Confusion matrix accumulated per process over its own shard of val (each image exactly once) and
     summed across processes; masks are never gathered. The main process shows a progress bar (its own shard:
     a VOC or Cityscapes evaluation takes minutes)."""
@@ -521,7 +525,7 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, 
         cm += confusion_matrix(pred, mask, num_classes)
     cm = accelerator.reduce(cm, reduction="sum") if accelerator.num_processes > 1 else cm
     model.train(was_training)
-    miou, iou = iou_from_confusion(cm.cpu())
+    miou, iou = iou_from_confusion(cm.cpu(), present_only)
     return {"miou": miou, "iou": iou, "confusion": cm.cpu()}
 
 
@@ -542,11 +546,12 @@ def setup(args: argparse.Namespace):
     import warnings
     from accelerate import Accelerator
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")  # we want buffers not broadcast (UniMatch)
-    if args.log_with == "tensorboard":
+    if args.log_with:
         try:
-            import tensorboard  # noqa: F401
+            importlib.import_module(args.log_with)
         except ImportError:
-            sys.exit("--log-with tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+            sys.exit(f"--log-with {args.log_with}: the {args.log_with} package is not installed (pip install "
+                     f"{args.log_with})")
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False)
     # `accelerate launch --multi_gpu` on a machine without CUDA: run the processes on CPU with gloo
@@ -563,7 +568,8 @@ def setup(args: argparse.Namespace):
     claim_run_folder(args, out, accelerator.is_main_process)  # every process checks; only the main one writes
     accelerator.wait_for_everyone()
     if args.log_with:
-        accelerator.init_trackers(args.method, config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers(args.method, config={k: str(v) for k, v in vars(args).items()},
+                                  init_kwargs={"wandb": {"dir": str(out)}})  # wandb's files in the run folder
     log = RunLog(out, accelerator.is_main_process)
     log.info(f"command: {' '.join(sys.argv)}")
     log.info(f"processes: {world}, device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}, "
@@ -858,22 +864,208 @@ def save_weights(model: nn.Module, path: Path, **meta) -> None:
     os.replace(tmp, path)
 
 
-def load_weights(path: str) -> dict:
+def load_weights(path) -> dict:
     """The dict save_weights writes ('model': state dict, 'args': the run's arguments), read with
-    weights_only=True: plain tensors and Python types only, no code from the file is run."""
+    weights_only=True: plain tensors and Python types only, no code from the file is run. Raises
+    FileNotFoundError or ValueError with a one-line message that starts with the path (command lines print
+    "--weights " + the message)."""
     if not Path(path).is_file():
-        sys.exit(f"--weights {path}: no such file (expected OUT/model_best.pt or OUT/model_last.pt of a run)")
+        raise FileNotFoundError(f"{path}: no such file (expected OUT/model_best.pt or OUT/model_last.pt of a run)")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         reason = " ".join(str(error).split())[:300]
-        sys.exit(f"--weights {path}: not readable as plain weights with torch.load(weights_only=True) "
-                 f"(expected the 'model' and 'args' dict a method script saves): {reason}")
+        raise ValueError(f"{path}: not readable as plain weights with torch.load(weights_only=True) (expected the "
+                         f"'model' and 'args' dict a method script saves): {reason}") from None
     if not isinstance(saved, dict) or "model" not in saved or "args" not in saved:
-        sys.exit(f"--weights {path}: expected a dict with 'model' and 'args' as a method script saves it "
-                 f"(OUT/model_best.pt), got {type(saved).__name__}"
-                 + (f" with keys {sorted(saved)[:5]}" if isinstance(saved, dict) else ""))
+        raise ValueError(f"{path}: expected a dict with 'model' and 'args' as a method script saves it "
+                         f"(OUT/model_best.pt), got {type(saved).__name__}"
+                         + (f" with keys {sorted(saved)[:5]}" if isinstance(saved, dict) else ""))
     return saved
+
+
+class Segmenter:
+    """A run's saved weights as a function from images to label maps: the Python API (scripts/predict.py is its
+    command line).
+
+        segment = common.load_segmenter("runs/supervised_camvid_1-8_s0/model_best.pt")
+        labels = segment("photo.jpg")   # or a PIL image, or an H x W x 3 uint8 array -> H x W uint8 class indices
+
+    Each image is resized by the run's --image-scale (`image_scale` overrides it), classified whole (the run's
+    --eval-mode) or in sliding windows of the run's crop (`window`; auto mode: for images of more than
+    `max_whole_pixels` after the resize), the class probabilities are brought back to the input's size
+    (bilinear) and the argmax is taken there. Sliding windows are streamed, `window_batch` per forward, into an
+    accumulator of the window rows under way; its finished rows become labels strip by strip. So besides the
+    image and its label map, the probabilities held at once stay within `memory_mb` whatever the image's height
+    (a band of window rows grows with the width: an image too wide for `memory_mb` is refused). Bad input raises
+    FileNotFoundError or ValueError naming the file."""
+
+    def __init__(self, weights, device=None, mode="auto", window=None, window_batch=8, max_whole_pixels=1 << 20,
+                 image_scale=None, memory_mb=256.0):
+        saved = load_weights(weights)
+        args = saved["args"]
+        self.num_classes = saved["model"]["classifier.weight"].shape[0]
+        self.class_names, self.palette = _class_names_and_palette(saved, self.num_classes)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = build_model(args["backbone"], self.num_classes, "none", args["output_stride"],
+                                 args["decoder_channels"])
+        try:
+            self.model.load_state_dict(saved["model"])
+        except RuntimeError as error:
+            raise ValueError(f"{weights}: the weights do not fit the network its arguments describe "
+                             f"({' '.join(str(error).split())[:200]})") from None
+        self.model.to(self.device).eval()
+        mean, std = normalization(args["backbone"])
+        self.mean, self.std = (torch.tensor(v, device=self.device).view(3, 1, 1) for v in (mean, std))
+        self.scale = image_scale if image_scale is not None else args.get("image_scale", 1.0)
+        self.window, self.eval_mode = tuple(window or args["crop_size"]), args.get("eval_mode", "whole")
+        self.mode, self.window_batch, self.max_whole_pixels = mode, window_batch, max_whole_pixels
+        self.memory = memory_mb * 2 ** 20
+        if mode not in ("auto", "whole", "sliding") or window_batch < 1 or not self.memory > 0 or not self.scale > 0:
+            raise ValueError(f"expected mode auto/whole/sliding, window_batch >= 1, memory_mb > 0 and image_scale > 0; "
+                             f"got {mode!r}, {window_batch}, {memory_mb}, {self.scale}")
+
+    @staticmethod
+    def read(path):
+        """The image file as 8-bit RGB (datasets.read_image: a 16- or 32-bit image is refused, not clipped)."""
+        from datasets import read_image
+        return read_image(Path(path))
+
+    def mode_for(self, width: int, height: int) -> str:
+        """'whole' or 'sliding' for an image of this size (before the resize)."""
+        if self.mode != "auto":
+            return self.mode
+        pixels = max(1, round(width * self.scale)) * max(1, round(height * self.scale))
+        return "sliding" if pixels > self.max_whole_pixels else self.eval_mode
+
+    @torch.no_grad()
+    def __call__(self, image) -> np.ndarray:
+        from PIL import Image
+        from datasets import require_8_bit
+        if isinstance(image, (str, Path)):
+            image = self.read(image)
+        elif isinstance(image, Image.Image):
+            require_8_bit(image.mode, "the image")
+            image = image.convert("RGB")
+        else:
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+                raise ValueError(f"expected an H x W x 3 (or H x W) uint8 array, got {array.dtype} {array.shape}")
+            image = Image.fromarray(array).convert("RGB")
+        width, height = image.size
+        mode = self.mode_for(width, height)
+        if self.scale != 1.0:
+            image = image.resize((max(1, round(width * self.scale)), max(1, round(height * self.scale))),
+                                 Image.BILINEAR)
+        pixels = np.asarray(image)
+        labels = np.empty((height, width), np.uint8)
+        bands = self._whole(pixels) if mode == "whole" else self._sliding(pixels)
+        for first, last, rows in _resized_strips(bands, pixels.shape[:2], (height, width), self.memory / 2):
+            labels[first:last] = rows.argmax(0).cpu().numpy()
+        return labels
+
+    def _normalized(self, pixels) -> torch.Tensor:
+        x = torch.from_numpy(pixels.copy()).to(self.device).permute(2, 0, 1).float() / 255
+        return (x - self.mean) / self.std
+
+    def _whole(self, pixels):
+        yield 0, self.model(self._normalized(pixels)[None]).float().softmax(1)[0]
+
+    def _sliding(self, pixels):
+        """(first row, probabilities of the rows from there that no later window touches), top to bottom: the
+        windows of common.predict's sliding mode, in its order, summed and averaged the same way."""
+        h, w = pixels.shape[:2]
+        wh, ww = min(self.window[0], h), min(self.window[1], w)
+        sh, sw = max(1, int(wh * 2 / 3)), max(1, int(ww * 2 / 3))
+        ys = sorted({min(y, h - wh) for y in range(0, h - wh + sh, sh)})
+        xs = sorted({min(x, w - ww) for x in range(0, w - ww + sw, sw)})
+        boxes = [(y, x) for y in ys for x in xs]
+        band_rows = int(self.memory / 2 // ((self.num_classes + 1) * w * 4 * 2))  # accumulator, counts, a copy
+        if band_rows < wh:
+            raise ValueError(f"one band of windows ({wh} rows) of this {w}-pixel-wide image needs "
+                             f"{(self.num_classes + 1) * w * wh * 16 / 2 ** 20:.3g} MB, more than the memory limit "
+                             f"({self.memory / 2 ** 20:.3g} MB): raise it or lower the image scale")
+        total = torch.zeros(self.num_classes, 0, w, device=self.device)
+        count = torch.zeros(0, w, device=self.device)
+        top, k = 0, 0
+        while k < len(boxes):
+            end = k + 1  # windows of this forward: at most window_batch, their rows within the band's budget
+            while end < len(boxes) and end - k < self.window_batch and boxes[end][0] + wh - top <= band_rows:
+                end += 1
+            bottom = boxes[end - 1][0] + wh
+            if bottom - top > total.shape[1]:
+                grow = bottom - top - total.shape[1]
+                total = torch.cat([total, total.new_zeros(self.num_classes, grow, w)], 1)
+                count = torch.cat([count, count.new_zeros(grow, w)])
+            crops = torch.stack([self._normalized(pixels[y:y + wh, x:x + ww]) for y, x in boxes[k:end]])
+            for (y, x), p in zip(boxes[k:end], self.model(crops).float().softmax(1)):
+                total[:, y - top:y - top + wh, x:x + ww] += p
+                count[y - top:y - top + wh, x:x + ww] += 1
+            k = end
+            done = boxes[k][0] if k < len(boxes) else h  # rows above the next window are final
+            if done > top:
+                yield top, total[:, :done - top] / count[:done - top]
+                total, count, top = total[:, done - top:], count[done - top:], done
+
+
+def _resized_strips(bands, size, out_size, memory: float):
+    """Probability bands (first row, [K, n, w]) of an h x w map, top to bottom, resized to H x W as
+    upsample() does (bilinear, align_corners=True) and yielded as (first, last, [K, last - first, W]) strips
+    of at most `memory` bytes; a band is kept only until the output rows that need it are out."""
+    (h, w), (H, W) = size, out_size
+
+    def source(n_in, n_out):  # source index pair and weight of every output index, as torch's CPU kernel
+        scale = torch.tensor(float(n_in - 1)) / (n_out - 1) if n_out > 1 else torch.tensor(0.0)
+        real = scale * torch.arange(n_out, dtype=torch.float32)
+        low = real.floor().long().clamp(max=n_in - 1)
+        return low, (low + 1).clamp(max=n_in - 1), (real - low).clamp(0, 1)
+
+    y0, y1, ty = source(h, H)
+    x0, x1, tx = source(w, W)
+    kept, kept_top, first = None, 0, 0
+    for top, band in bands:
+        if (h, w) == (H, W):  # no resize: the band's rows are the output's
+            yield top, top + band.shape[1], band
+            continue
+        kept = band if kept is None else torch.cat([kept, band], 1)
+        available = top + band.shape[1]
+        last = int((y1 < available).sum())  # output rows whose two source rows are in
+        step = max(1, int(memory // (band.shape[0] * W * 4 * 3)))
+        for a in range(first, last, step):
+            b = min(a + step, last)
+            x0d, x1d, txd = x0.to(band.device), x1.to(band.device), tx.to(band.device)
+            r0, r1 = y0[a:b].to(band.device) - kept_top, y1[a:b].to(band.device) - kept_top
+            lower, upper = kept[:, r0], kept[:, r1]
+            lower = lower[:, :, x0d] * (1 - txd) + lower[:, :, x1d] * txd
+            upper = upper[:, :, x0d] * (1 - txd) + upper[:, :, x1d] * txd
+            t = ty[a:b].to(band.device)[None, :, None]
+            yield a, b, lower * (1 - t) + upper * t
+        first = last
+        if first < H:  # drop the source rows no later output row needs
+            keep_from = int(y0[first])
+            kept, kept_top = kept[:, keep_from - kept_top:], keep_from
+
+
+def _class_names_and_palette(saved: dict, num_classes: int) -> tuple[list, list]:
+    """The class names and colours saved with the weights; for weights saved without them, the dataset's own,
+    else class numbers and fixed colours."""
+    if saved.get("class_names") and saved.get("palette"):
+        return list(saved["class_names"]), [tuple(c) for c in saved["palette"]]
+    import datasets
+    dataset = saved["args"].get("dataset")
+    names = {"voc": datasets.VOC_CLASSES, "cityscapes": datasets.CITYSCAPES_CLASSES,
+             "camvid": datasets.CAMVID_CLASSES, "toy": datasets.TOY_CLASSES}.get(dataset)
+    palette = {"voc": datasets.voc_palette(), "cityscapes": datasets.CITYSCAPES_PALETTE,
+               "camvid": datasets.CAMVID_PALETTE, "toy": datasets.TOY_PALETTE}.get(dataset)
+    if names is None or len(names) != num_classes:
+        names = [str(c) for c in range(num_classes)]
+        palette = [tuple(np.random.default_rng([7, c]).integers(0, 256, 3).tolist()) for c in range(num_classes)]
+    return list(names), palette
+
+
+def load_segmenter(weights, **options) -> Segmenter:
+    """Segmenter(weights, **options): a run's weights (OUT/model_best.pt) as a function from images to label maps."""
+    return Segmenter(weights, **options)
 
 
 _LAST_EVAL_END = [0.0]  # wall time at which the last evaluation/checkpoint finished (excluded from speed)
@@ -917,6 +1109,14 @@ class LossMeter:
         return result
 
 
+def final_line(state: TrainState, total: int, what: str = "mIoU") -> str:
+    """A run's last log line: done, or stopped by --stop-at short of the schedule (then continued with --resume)."""
+    best = f"best {what} {state.best_miou:.2f} at iteration {state.best_step}"
+    if state.step < total:
+        return f"stopped at {state.step} of {total} iterations ({best} so far); the same command continues it"
+    return f"done: {best}"
+
+
 def progress_bar(accelerator, total: int, start: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=start, disable=not accelerator.is_main_process, dynamic_ncols=True,
@@ -939,7 +1139,9 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
     class its share of all passing pixels (what a loss on the passing pixels trains towards). Default: eval mode,
     one image at a time. train_batch=B, for a network that labels in train mode: train mode (BN batch statistics)
     on batches of B probe images (whole images of one size), and every buffer (BN running statistics, counters)
-    restored afterwards, so the probe changes nothing."""
+    restored afterwards, so the probe changes nothing. A last batch of one image would fail in train mode (BN
+    needs more than one value per channel after the image pooling): it joins the batch before it; a process
+    with a single probe image skips it (counted in `probe_skipped`)."""
     if len(data.probe_set) == 0:
         return {}
     was_training = network.training
@@ -949,8 +1151,16 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
     # sized up front, so a process without probe images adds zeros of the same shape
     counts = torch.zeros(5, data.num_classes, dtype=torch.float64, device=accelerator.device)
     mine = list(range(accelerator.process_index, len(data.probe_set), accelerator.num_processes))
-    for k in range(0, len(mine), train_batch or 1):
-        samples = [data.probe_set[i] for i in mine[k:k + (train_batch or 1)]]
+    batches = [mine[k:k + (train_batch or 1)] for k in range(0, len(mine), train_batch or 1)]
+    skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    if train_batch and batches and len(batches[-1]) == 1:
+        last = batches.pop()
+        if batches:
+            batches[-1] += last
+        else:
+            skipped += 1
+    for batch in batches:
+        samples = [data.probe_set[i] for i in batch]
         image = torch.stack([s["image"] for s in samples]).to(accelerator.device)
         gt = torch.stack([s["mask"] for s in samples]).to(accelerator.device)
         with accelerator.autocast():
@@ -969,7 +1179,7 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
             b.copy_(value)
     network.train(was_training)
     if accelerator.num_processes > 1:
-        counts = accelerator.reduce(counts, reduction="sum")
+        counts, skipped = accelerator.reduce(counts, reduction="sum"), accelerator.reduce(skipped, reduction="sum")
     valid, passed, correct, all_correct, _ = counts.sum(1).tolist()
     names = getattr(data, "class_names", None) or [str(c) for c in range(data.num_classes)]
     per_class = {name: {"pixels": round(100 * v / max(valid, 1), 3), "share": round(100 * p / max(v, 1), 3),
@@ -978,7 +1188,8 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
                  for name, (v, p, r, _, t) in zip(names, counts.t().tolist(), strict=True)}
     return {"pseudo_acc": round(100 * correct / max(passed, 1), 3),
             "pseudo_share": round(100 * passed / max(valid, 1), 3),
-            "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3), "probe_per_class": per_class}
+            "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3), "probe_per_class": per_class,
+            **({"probe_skipped": int(skipped)} if skipped else {})}
 
 
 def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, model: nn.Module,
@@ -994,49 +1205,65 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
     these last weights (`test_miou`, `test_iou`, `test_miou_<key>`): the figure a run reports, nothing selected
     on val; `--eval-test every` scores it at every evaluation (a learning curve), `never` not at all."""
     check_finite_state(accelerator, step, args.out)  # before any weights or checkpoint are written
-    window = args.crop_size
-    result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window)
-    record = {"iteration": step, "miou": round(result["miou"], 3),
-              "iou": {n: round(v, 3) for n, v in zip(data.class_names, result["iou"])}, "eval_mode": args.eval_mode}
+    window, present_only = args.crop_size, getattr(data, "miou_over_present", False)
+    result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
+    iou = dict(zip(data.class_names, result["iou"], strict=True))
+    absent = [n for n, v in iou.items() if v is None]
+    record = {"iteration": step, "miou": round(result["miou"], 3), "eval_mode": args.eval_mode,
+              "iou": {n: None if v is None else round(v, 3) for n, v in iou.items()},
+              **({"absent_classes": absent} if absent else {})}
     if probe is not None:
         network, rule, *train_batch = probe
         record.update(pseudo_label_probe(network, data, accelerator, rule, *train_batch))
     for name, other in (extra_models or {}).items():
         record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
-                                                args.eval_mode, window)["miou"], 3)
+                                                args.eval_mode, window, present_only)["miou"], 3)
     if data.test_loader is not None and (args.eval_test == "every" or (final and args.eval_test == "end")):
-        test = evaluate(model, data.test_loader, accelerator, data.num_classes, args.eval_mode, window)
+        test = evaluate(model, data.test_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
         record.update(test_miou=round(test["miou"], 3),
-                      test_iou={n: round(v, 3) for n, v in zip(data.class_names, test["iou"])})
+                      test_iou={n: None if v is None else round(v, 3) for n, v in zip(data.class_names, test["iou"])})
         for name, other in (extra_models or {}).items():
             record[f"test_miou_{name}"] = round(evaluate(other, data.test_loader, accelerator, data.num_classes,
-                                                         args.eval_mode, window)["miou"], 3)
+                                                         args.eval_mode, window, present_only)["miou"], 3)
     record.update(extra_record or {})
     improved = result["miou"] > state.best_miou
     if improved:
         state.best_miou, state.best_step = result["miou"], step
     record.update(best_miou=round(state.best_miou, 3), best_iteration=state.best_step)
     log.metrics(record)
-    log.info(f"[eval {args.eval_mode}] iteration {step}: mIoU {result['miou']:.2f} (best {state.best_miou:.2f} "
+    over = f" over the {len(iou) - len(absent)} classes present in val (absent: {', '.join(absent)})" if absent else ""
+    log.info(f"[eval {args.eval_mode}] iteration {step}: mIoU {result['miou']:.2f}{over} (best {state.best_miou:.2f} "
              f"at {state.best_step})" + "".join(f", {k} {v}" for k, v in record.items()
                                                 if k.startswith(("miou_", "pseudo_", "test_miou"))))
-    log.info("  per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
+
+    def per_class(values: dict) -> str:
+        return ", ".join(f"{n} {'absent' if v is None else f'{v:.1f}'}" for n, v in values.items())
+    log.info("  per-class IoU: " + per_class(iou))
     if "test_iou" in record:
         log.info(f"  test ({len(data.test_set)} images, last weights): mIoU {record['test_miou']:.2f}; per-class "
-                 "IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in record["test_iou"].items()))
+                 "IoU: " + per_class(record["test_iou"]))
     if args.log_with:
-        accelerator.log({"eval/mIoU": result["miou"], **{f"eval/{n}_IoU": v for n, v in
-                                                          zip(data.class_names, result["iou"])},
-                         **({"test/mIoU": record["test_miou"]} if "test_miou" in record else {})}, step=step)
+        accelerator.log({"eval/mIoU": result["miou"], "eval/best_mIoU": state.best_miou,
+                         **{f"eval/{k}": v for k, v in record.items() if k.startswith(("miou_", "pseudo_acc",
+                                                                                       "pseudo_share"))},
+                         **{f"test/{k[5:]}": v for k, v in record.items() if k.startswith("test_miou")},
+                         **{f"eval/{n}_IoU": v for n, v in iou.items() if v is not None}}, step=step)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         out = Path(args.out)
-        save_weights(unwrapped, out / "model_last.pt", iteration=step, miou=result["miou"], args=vars(args))
+        meta = dict(iteration=step, miou=result["miou"], args=vars(args), class_names=list(data.class_names),
+                    palette=[list(c) for c in data.palette])
+        save_weights(unwrapped, out / "model_last.pt", **meta)
         if improved:
-            save_weights(unwrapped, out / "model_best.pt", iteration=step, miou=result["miou"], args=vars(args))
+            save_weights(unwrapped, out / "model_best.pt", **meta)
         if args.num_overlays > 0:
-            save_overlays(unwrapped, data, out / "overlays" / f"iter_{step:07d}.png", args.num_overlays,
-                          accelerator.device, pseudo_label_fn)
+            grid = save_overlays(unwrapped, data, out / "overlays" / f"iter_{step:07d}.png", args.num_overlays,
+                                 accelerator.device, pseudo_label_fn)
+            for tracker in accelerator.trackers if grid is not None else []:
+                if tracker.name == "tensorboard":  # TensorBoard wants a batch and its layout, wandb a list
+                    tracker.log_images({"overlays": grid[None]}, step=step, dataformats="NHWC")
+                else:
+                    tracker.log_images({"overlays": [grid]}, step=step)
     state.step = step
     save_checkpoint(accelerator, args.out)
     _LAST_EVAL_END[0] = time.perf_counter()
@@ -1044,17 +1271,18 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
 
 
 @torch.no_grad()
-def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo_label_fn=None) -> None:
+def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo_label_fn=None):
     """A PNG grid, one row per val image: image | ground truth | prediction (| pseudo-label), with column titles
     and a legend of the class colours. Label maps are drawn in flat class colours (white: ignored or, for a
     pseudo-label, dropped pixels) with nearest-neighbour scaling, so class boundaries stay exact and the file
     stays small (flat colours compress well in PNG; a CamVid grid of 4 images is about 0.4 MB). Tiles are
-    200-320 pixels wide: small toy images are enlarged, large Cityscapes images reduced."""
+    200-320 pixels wide: small toy images are enlarged, large Cityscapes images reduced. Returns the grid (an
+    H x W x 3 uint8 array, for the trackers), None without val images."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend in a training run
-    from matplotlib.patches import Patch
+    from PIL import Image
     n = min(count, len(data.val_set))
     if n == 0:
-        return
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
@@ -1073,14 +1301,8 @@ def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo
     height, width = rows[0][0].shape[:2]
     tile_w = min(max(width, 200), 320)
     tile_h, gap, top = round(tile_w * height / width), 4, 22  # pixels (the figure is drawn at 100 dpi)
-    any_ignored = any(bool((label == data.num_classes).any()) for row in rows for label in row[1:])
-    names = [*data.class_names, "ignored"] if any_ignored else data.class_names
-    entries = [Patch(facecolor=colours[c].numpy() / 255, edgecolor="black", linewidth=0.5, label=name)
-               for c, name in enumerate(names)]
     fig_w = len(titles) * tile_w + (len(titles) - 1) * gap
-    columns = max(1, fig_w // 110)  # legend entries per line: about 110 pixels each
-    legend_h = 18 * ((len(entries) + columns - 1) // columns) + 8  # 18 pixels per line of entries
-    fig_h = top + n * tile_h + (n - 1) * gap + legend_h
+    fig_h = top + n * tile_h + (n - 1) * gap
     fig = Figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
     for r, row in enumerate(rows):
         for c, tile in enumerate(row):
@@ -1093,6 +1315,34 @@ def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo
             ax.set_axis_off()
             if r == 0:
                 ax.set_title(titles[c], fontsize=9, pad=4)
-    fig.legend(handles=entries, loc="lower center", ncol=columns, fontsize=8, frameon=False, handlelength=1.2,
+    any_ignored = any(bool((label == data.num_classes).any()) for row in rows for label in row[1:])
+    names = [*data.class_names, "ignored"] if any_ignored else data.class_names
+    grid = np.concatenate([_render(fig, fig_w, fig_h), class_legend(names, colours.tolist(), fig_w)])
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+def class_legend(names: list, palette: list, width: int, scale: float = 1.0) -> np.ndarray:
+    """A legend of class colours (a box and the name per class, about 110 x `scale` pixels an entry and 18 x `scale`
+    a line) as a width-pixel-wide H x W x 3 uint8 array, to put under a picture of label colours."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    columns = max(1, int(width // (110 * scale)))
+    height = round((18 * ((len(names) + columns - 1) // columns) + 8) * scale)
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    entries = [Patch(facecolor=[v / 255 for v in colour], edgecolor="black", linewidth=0.5, label=name)
+               for name, colour in zip(names, palette)]
+    fig.legend(handles=entries, loc="center", ncol=columns, fontsize=8 * scale, frameon=False, handlelength=1.2,
                columnspacing=1.0, borderaxespad=0.2)
-    fig.savefig(path, dpi=100)
+    return _render(fig, width, height)
+
+
+def _render(fig, width: int, height: int) -> np.ndarray:
+    """A matplotlib figure as an exactly height x width x 3 uint8 array (white where the canvas falls short)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[:pixels.shape[0], :pixels.shape[1]] = pixels
+    return out

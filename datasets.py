@@ -7,6 +7,7 @@ Layouts (what `--data-root` must hold; see README "Data"):
   cityscapes leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png
   camvid     {train,val,test}/*.png and {trainannot,valannot,testannot}/*.png (SegNet layout; value 11 = void
              -> 255; test optional)
+  folder     your own data: images/{train,val[,test]}/*, masks/{train,val[,test]}/<stem>.png, classes.txt
   toy        nothing: procedural scenes generated from the index
 
 Determinism and resume: the sample seen by process `rank` at iteration t is a pure function of (--seed, t,
@@ -17,6 +18,7 @@ t without replaying the loader, and the number of loader workers does not change
 from __future__ import annotations
 
 import math
+import re
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -70,7 +72,12 @@ LAYOUTS = {
     "cityscapes": "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and "
                   "gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png (make them with scripts/prepare_cityscapes.py)",
     "camvid": "train/*.png, trainannot/*.png, val/*.png, valannot/*.png (SegNet's 11-class CamVid)",
+    "folder": "images/train/*, images/val/* [, images/test/*] (.png, .jpg, ...), masks/train/<stem>.png for the "
+              "labeled train images and masks/val/<stem>.png [masks/test/<stem>.png] for every val [test] image "
+              "(single-channel class indices, 255 = ignore), classes.txt (one class name a line, optionally "
+              "followed by R,G,B)",
 }
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Labeled counts of the standard protocols: fraction -> ceil(fraction x pool) reproduces all of them
 # (classic 92/183/366/732/1464 of 1,464; blender 662/1323/2646/5291 of 10,582; Cityscapes 186/372/744/1488/100).
 
@@ -145,6 +152,69 @@ def list_camvid(root: Path):
     return pool, pool, entries("val")
 
 
+def read_classes(root: Path) -> tuple[list[str], list[tuple]]:
+    """Class names and colours of a folder dataset from DATA/classes.txt: line k names class k (mask value k),
+    optionally followed by its colour as R,G,B ("road 128,64,128"); a class without one gets a fixed colour."""
+    path = root / "classes.txt"
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        sys.exit(f"--data-root: cannot read {path} ({getattr(error, 'strerror', None) or error}); --dataset folder "
+                 f"expects {LAYOUTS['folder']}")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names, palette = [], []
+    for number, line in enumerate(lines, 1):
+        words = line.split()
+        colour = re.fullmatch(r"(\d+),(\d+),(\d+)", words[-1]) if len(words) > 1 else None
+        if colour:
+            words = words[:-1]
+        if not words or (colour and max(map(int, colour.groups())) > 255) or (not colour and re.search(r"\d,", line)):
+            sys.exit(f"{path}: line {number} is {line!r}: expected a class name, optionally followed by R,G,B "
+                     f"(three integers 0-255)")
+        names.append(" ".join(words))
+        palette.append(tuple(map(int, colour.groups())) if colour else
+                       tuple(np.random.default_rng([7, len(palette)]).integers(0, 256, 3).tolist()))
+    if not 2 <= len(names) <= IGNORE_INDEX:
+        sys.exit(f"{path}: {len(names)} classes: expected 2 to {IGNORE_INDEX} (mask values 0..K-1, {IGNORE_INDEX} "
+                 f"= ignore)")
+    return names, palette
+
+
+def folder_entries(root: Path, split: str, masks_required: bool) -> list:
+    """(image, mask or None, stem) of DATA/images/<split>, sorted; a mask is DATA/masks/<split>/<stem>.png. An
+    image without a mask is unlabeled (train) or refused (val, test); so is a mask without an image (a naming
+    mismatch) and two images of one stem."""
+    folder, mask_folder = root / "images" / split, root / "masks" / split
+    if not folder.is_dir():
+        sys.exit(f"--data-root: {folder} does not exist. --dataset folder expects under --data-root: "
+                 f"{LAYOUTS['folder']}")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    by_stem = {}
+    for path in images:
+        if path.stem in by_stem:
+            sys.exit(f"--data-root: {by_stem[path.stem]} and {path} share the name {path.stem!r} (one mask "
+                     f"{path.stem}.png cannot belong to both); rename one")
+        by_stem[path.stem] = path
+    masks = {p.stem: p for p in mask_folder.glob("*.png")} if mask_folder.is_dir() else {}
+    orphans = sorted(set(masks) - set(by_stem))
+    if orphans:
+        sys.exit(f"--data-root: {masks[orphans[0]]} has no image {folder}/{orphans[0]}.* ({len(orphans)} masks "
+                 f"without an image); a mask is named after its image's stem")
+    missing = [p for p in images if p.stem not in masks]
+    if masks_required and missing:
+        sys.exit(f"--data-root: {missing[0]} has no mask {mask_folder / (missing[0].stem + '.png')} ({len(missing)} "
+                 f"{split} images without a mask); every {split} image needs one")
+    return [(p, masks.get(p.stem), p.stem) for p in images]
+
+
+def list_folder(root: Path):
+    """Training pool: every image of images/train; labeled pool: those with a mask; val: images/val (the
+    optional images/test: list_test)."""
+    pool = folder_entries(root, "train", masks_required=False)
+    return pool, [e for e in pool if e[1] is not None], folder_entries(root, "val", masks_required=True)
+
+
 def list_toy():
     pool = [(None, None, i) for i in range(TOY_TRAIN)]
     return pool, pool, [(None, None, 100_000 + i) for i in range(TOY_VAL)]
@@ -152,12 +222,15 @@ def list_toy():
 
 def list_test(args) -> list:
     """The held-out split a run reports, where the dataset has one with public labels: CamVid's 233 test frames
-    (SegNet's protocol; 171 of them from a sequence no other split holds), a toy test set; [] for VOC and
-    Cityscapes, whose test labels are not public (their papers report val). A CamVid folder without test/ has none."""
+    (SegNet's protocol; 171 of them from a sequence no other split holds), a toy test set, a folder dataset's
+    images/test; [] for VOC and Cityscapes, whose test labels are not public (their papers report val). A CamVid
+    or folder dataset without a test folder has none."""
     root = Path(args.data_root)
     if args.dataset == "camvid" and (root / "test").is_dir():
         _require(root / "testannot", "camvid")
         return [(p, root / "testannot" / p.name, p.name) for p in sorted((root / "test").glob("*.png"))]
+    if args.dataset == "folder" and (root / "images" / "test").is_dir():
+        return folder_entries(root, "test", masks_required=True)
     if args.dataset == "toy":
         return [(None, None, 200_000 + i) for i in range(TOY_TEST)]
     return []
@@ -216,9 +289,11 @@ def resolve_split(args):
         pool, labeled_pool, val = list_cityscapes(root)
     elif args.dataset == "camvid":
         pool, labeled_pool, val = list_camvid(root)
+    elif args.dataset == "folder":
+        pool, labeled_pool, val = list_folder(root)
     else:
         pool, labeled_pool, val = list_toy()
-    for name, entries in (("training", labeled_pool), ("validation", val)):
+    for name, entries in (("labeled training", labeled_pool), ("validation", val)):
         if not entries:
             sys.exit(f"--data-root {root}: no {name} images found; --dataset {args.dataset} expects "
                      f"{LAYOUTS[args.dataset]}")
@@ -232,10 +307,16 @@ def resolve_split(args):
             keys = [_key(args.dataset, line.split()[0]) for line in _read_list(path)]
             unknown = [k for k in keys if k not in by_key]
             if unknown:
-                sys.exit(f"--split-dir: {path} names {len(unknown)} images not in the training pool, "
-                         f"e.g. {unknown[:3]}")
+                in_val = {_key(args.dataset, e[2]) for e in val} & set(unknown)
+                sys.exit(f"--split-dir: {path} names {len(unknown)} images not in the training pool of "
+                         f"--data-root {root}, e.g. {unknown[:3]}" + (f" ({len(in_val)} of them are val images)"
+                                                                     if in_val else ""))
             lists.append([by_key[k] for k in keys])
         labeled, unlabeled = lists
+        unmasked = [e[0] for e in labeled if e[1] is None and args.dataset != "toy"]
+        if unmasked:
+            sys.exit(f"--split-dir: {Path(args.split_dir) / 'labeled.txt'} names {len(unmasked)} images without a "
+                     f"mask, e.g. {unmasked[0]}")
         if set(e[2] for e in labeled) & set(e[2] for e in unlabeled):
             sys.exit(f"--split-dir: labeled.txt and unlabeled.txt of {args.split_dir} overlap")
         return labeled, unlabeled, val
@@ -246,14 +327,13 @@ def resolve_split(args):
 
 
 def _key(dataset: str, token):
-    """Normalise a split-file token (UniMatch path, U2PL bare id, or our own key) to an entry key."""
-    if dataset == "voc":
-        return Path(token).stem
-    if dataset == "camvid":
-        return Path(token).name
+    """Normalise a split-file token (UniMatch's path, U2PL's bare id, or our own key) and an entry's key alike:
+    the file's stem (Cityscapes: without _leftImg8bit), so `train/x.png`, `x.png` and `x` all name image x."""
     if dataset == "toy":
         return int(token)
-    return token
+    name = Path(str(token).replace("\\", "/")).name
+    stem = Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
+    return stem.split("_leftImg8bit")[0] if dataset == "cityscapes" else stem
 
 
 def write_split(path: Path, labeled: list, unlabeled: list) -> None:
@@ -293,14 +373,24 @@ def toy_scene(index: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+def require_8_bit(mode: str, path) -> None:
+    """PIL's convert("RGB") clips 16- and 32-bit images at 255 (a bright photo turns white): refuse them."""
+    if mode.startswith(("I", "F")):
+        raise ValueError(f"image {path} has {mode} pixels (16 or 32 bits): expected 8-bit RGB, grayscale or "
+                         f"palette; convert it to 8 bits first")
+
+
 def read_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            mode = img.mode
+            image = None if mode.startswith(("I", "F")) else img.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image file missing: {path}") from None
     except Exception as error:
         raise ValueError(f"unreadable image {path}: {error}") from None
+    require_8_bit(mode, path)
+    return image
 
 
 def read_mask(path: Path, dataset: str, num_classes: int) -> Image.Image:
@@ -394,7 +484,7 @@ def check_files(with_mask: list, image_only: list, dataset: str, num_classes: in
         image_key, size = image_size(image_path)
         passed = {image_key: list(size)}
         if mask_too:
-            key = cache_key(dataset, mask_path)
+            key = cache_key(f"{dataset}|{num_classes}", mask_path)  # the values passed for K classes
             mask_size = tuple(checked[key]) if key in checked else read_mask(mask_path, dataset, num_classes).size
             if mask_size != tuple(size):
                 raise ValueError(f"size mismatch: image {image_path} is {size[0]}x{size[1]} but mask {mask_path} "
@@ -619,14 +709,23 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
     lengths, class names, palette, denormalize, and `probe_set` (a fixed sample of unlabeled training images
     with their ground truth, for the pseudo-label probe only).
     strong=False: unlabeled samples come without the photometric strong view."""
-    num_classes = {"voc": 21, "cityscapes": 19, "camvid": 11, "toy": 5}[args.dataset]
-    names = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES, "toy": TOY_CLASSES}
-    palette = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE, "camvid": CAMVID_PALETTE,
-               "toy": TOY_PALETTE}[args.dataset]
+    if args.dataset == "folder":
+        names, palette = read_classes(Path(args.data_root))
+    else:
+        names = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
+                 "toy": TOY_CLASSES}[args.dataset]
+        palette = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE, "camvid": CAMVID_PALETTE,
+                   "toy": TOY_PALETTE}[args.dataset]
+    num_classes = len(names)
     labeled, unlabeled, val = resolve_split(args)
     if need_unlabeled and not unlabeled:
-        sys.exit(f"--split {args.split}: no unlabeled images left for a semi-supervised method")
-    probe_entries = unlabeled[:: max(1, len(unlabeled) // 32)][:32] if args.dataset in ("camvid", "toy") else []
+        sys.exit(f"--split {args.split}: no unlabeled images left for a semi-supervised method" + (
+            f" (every image of {Path(args.data_root) / 'images' / 'train'} has a mask: add images without one, "
+            f"or use a --split such as 1/8 to train on part of the labels)" if args.dataset == "folder" else ""))
+    # the pseudo-label probe needs ground truth: the unlabeled images that have a mask
+    probe_pool = [e for e in unlabeled if e[1] is not None] if args.dataset == "folder" else \
+        unlabeled if args.dataset in ("camvid", "toy") else []
+    probe_entries = probe_pool[:: max(1, len(probe_pool) // 32)][:32]
     test = list_test(args)
     if args.dataset != "toy" and getattr(args, "check_data", True) and accelerator.is_main_process:
         unlabeled_read = unlabeled if need_unlabeled else []
@@ -651,7 +750,7 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
                                                 pin_memory=pin, worker_init_fn=_worker_init,
                                                 generator=torch.Generator()))
 
-    val_batch = 1 if args.dataset in ("voc", "cityscapes") else 8  # VOC sizes vary; Cityscapes is large
+    val_batch = 1 if args.dataset in ("voc", "cityscapes", "folder") else 8  # sizes vary; Cityscapes is large
 
     def eval_loader(dataset):  # this process's shard: every image evaluated exactly once over the processes
         shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
@@ -659,7 +758,10 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
                                            worker_init_fn=_worker_init, generator=torch.Generator())
     mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     return SimpleNamespace(
-        num_classes=num_classes, class_names=names[args.dataset], palette=palette,
+        num_classes=num_classes, class_names=names, palette=palette,
+        # your own data: a class absent from val is reported as absent, not as IoU 0 in the mean (the field's
+        # datasets keep their benchmarks' definition: every class counts)
+        miou_over_present=args.dataset == "folder",
         labeled=labeled, unlabeled=unlabeled, labeled_set=labeled_set, unlabeled_set=unlabeled_set,
         val_set=val_set, val_loader=eval_loader(val_set), probe_set=probe_set,
         test_set=test_set, test_loader=eval_loader(test_set) if test else None,

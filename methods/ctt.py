@@ -76,7 +76,7 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.description(__doc__))
     parser.add_argument("--pairs", type=cli.bounded(int, "[1, 8]"), default=2,
                         help="student-teacher pairs (paper Table 6: 1, 2, 3)")
     parser.add_argument("--mix", choices=["classmix", "cutmix", "none"], default="classmix",
@@ -375,7 +375,7 @@ def main(argv=None):
             bar.set_postfix(sup=f"{losses['sup_A']:.3f}", ct=f"{losses['ct_A']:.3f}", hc=f"{losses['hc_A']:.3f}",
                             lc=f"{losses['lc_A']:.3f}", on=int(banks.ready), lr=f"{lr:.2e}")
             if args.log_with:
-                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+                accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
             on = state.extra["contrast_on_iteration"]
             share = 0.0 if on is None else (done - on) / done  # share of the iterations so far with HC/LC
@@ -400,7 +400,7 @@ def main(argv=None):
         if done == args.stop_at:
             break
     bar.close()
-    log.info(f"done: best mIoU (student A) {state.best_miou:.2f} at iteration {state.best_step}")
+    log.info(common.final_line(state, total, "mIoU (student A)"))
     accelerator.end_training()
     return state
 

@@ -90,7 +90,7 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.description(__doc__))
     parser.add_argument("--drop-path", type=cli.bounded(float, "[0, 1)"), default=0.1,
                         help="student's maximum drop-path rate, linear from 0 over the backbone blocks that have a "
                              "residual connection (every ResNet block); the MiT student's 0.1")
@@ -350,7 +350,7 @@ def main(argv=None):
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", mix_w=f"{losses['mix_weight']:.2f}", lr=f"{lr:.2e}")
             if args.log_with:
-                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+                accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, student, done,
                                            final=done == total, pseudo_label_fn=pseudo_labels,  # probe: as it labels
@@ -361,7 +361,7 @@ def main(argv=None):
         if done == args.stop_at:
             break
     bar.close()
-    log.info(f"done: best mIoU {state.best_miou:.2f} at iteration {state.best_step}")
+    log.info(common.final_line(state, total))
     accelerator.end_training()
     return state
 

@@ -91,7 +91,7 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.description(__doc__))
     parser.add_argument("--official-code", action="store_true",
                         help="ablation: reproduce the released code's storage sharing (teacher, assistant and student "
                              "share every parameter in the first semi-supervised epoch, then the student's and the "
@@ -315,7 +315,7 @@ def main(argv=None):
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in losses.items()})
             if args.log_with:
-                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+                accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             semi = done > warmup  # the student is evaluated in the warm-up epoch, the teacher after (:219-222)
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher if semi else student, done,
@@ -328,7 +328,7 @@ def main(argv=None):
         if done == args.stop_at:
             break
     bar.close()
-    log.info(f"done: best mIoU {state.best_miou:.2f} at iteration {state.best_step}")
+    log.info(common.final_line(state, total))
     accelerator.end_training()
     return state
 

@@ -64,7 +64,7 @@ PAPER_DEFAULTS = {"voc": dict(threshold=0.95), "cityscapes": dict(ohem=True, thr
 
 
 def parse_args(argv=None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.description(__doc__))
     parser.add_argument("--threshold", type=cli.probability, help="tau: teacher confidence a pseudo-label needs")
     parser.add_argument("--lambda-u", type=cli.non_negative_float, default=1.0, help="weight of L_u (ours: 1)")
     parser.add_argument("--ema-decay", type=cli.bounded(float, "[0, 1)"), default=0.99,
@@ -213,7 +213,7 @@ def main(argv=None):
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", passed=f"{losses['passed']:.2f}", lr=f"{lr:.2e}")
             if args.log_with:
-                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+                accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher, done,
                                            final=done == total,
@@ -223,7 +223,7 @@ def main(argv=None):
         if done == args.stop_at:
             break
     bar.close()
-    log.info(f"done: best mIoU (teacher) {state.best_miou:.2f} at iteration {state.best_step}")
+    log.info(common.final_line(state, total, "mIoU (teacher)"))
     accelerator.end_training()
     return state
 

@@ -92,7 +92,7 @@ PAPER_DEFAULTS = {
 
 
 def parse_args(argv=None):
-    parser = cli.base_parser(__doc__.splitlines()[0])
+    parser = cli.base_parser(cli.description(__doc__))
     parser._option_string_actions["--backbone"].help = (  # two networks: --backbone names the junior
         "alias of --junior-backbone (the deployed network, saved in model_*.pt; default: --junior-backbone's); "
         "the senior is --senior-backbone")
@@ -342,7 +342,7 @@ def main(argv=None):
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", cps=f"{losses['loss_cps']:.3f}", lr=f"{lr:.2e}")
             if args.log_with:
-                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+                accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             # probe: the senior's pseudo-labels (what the junior learns from) as it makes them, in train mode on
             # batches of the unlabeled batch size; CPS keeps every pixel (threshold 0)
@@ -353,7 +353,7 @@ def main(argv=None):
         if done == args.stop_at:
             break
     bar.close()
-    log.info(f"done: junior best mIoU {state.best_miou:.2f} at iteration {state.best_step}")
+    log.info(common.final_line(state, total, "mIoU (junior)"))
     accelerator.end_training()
     return state
 

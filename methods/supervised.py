@@ -29,7 +29,7 @@ PAPER_DEFAULTS = {"cityscapes": {"ohem": True}}
 
 
 def parse_args(argv=None):
-    parser = cli.base_parser(__doc__.splitlines()[0], unlabeled_stream=False)
+    parser = cli.base_parser(cli.description(__doc__), unlabeled_stream=False)
     parser.add_argument("--ohem", action=argparse.BooleanOptionalAction, help="OHEM cross-entropy")
     return cli.resolve_args(parser, PAPER_DEFAULTS, "supervised", argv)
 
@@ -86,7 +86,7 @@ def main(argv=None):
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss_sup']:.3f}", lr=f"{lr:.2e}")
             if args.log_with:
-                accelerator.log({f"train/{k}": v for k, v in losses.items()}, step=done)
+                accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if done % eval_every == 0 or done == total or done == args.stop_at:
             # probe: the baseline's own predictions under the usual 0.95 rule, the yardstick for the methods
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, model, done,
@@ -94,7 +94,7 @@ def main(argv=None):
         if done == args.stop_at:
             break
     bar.close()
-    log.info(f"done: best mIoU {state.best_miou:.2f} at iteration {state.best_step}")
+    log.info(common.final_line(state, total))
     accelerator.end_training()
     return state
 

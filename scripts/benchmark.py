@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from cli import description  # noqa: E402
 import common  # noqa: E402
 from datasets import build_data  # noqa: E402
 
@@ -222,7 +223,7 @@ def main():
     if sys.argv[1:2] == ["--inside"]:  # the timed run of one method (a subprocess of the benchmark)
         method, backbone, num_classes, warmup = sys.argv[2:6]
         return run_inside(method, backbone, int(num_classes), sys.argv[7:], int(warmup))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--methods", nargs="+", default=list(PASSES))
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "resnet18"])
     parser.add_argument("--warmup", type=int, default=5)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # common and datasets (imported where the montage needs them)
+from cli import description  # noqa: E402
+
 # Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md).
 ITERS, EVAL_EVERY, SPLIT, LABELED_DRAW, HEAD_LR_MULT = 3200, 400, "1/8", "spread", "10"
 TAG = SPLIT.replace("/", "-")
@@ -429,7 +431,7 @@ def overlays(seed: int, results: Path, count: int = 3) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main rows")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation rows")
     parser.add_argument("--rows", nargs="+", default=list(ALL), choices=list(ALL), help="rows to run (in order)")

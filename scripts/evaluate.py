@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cli import description  # noqa: E402
 import common  # noqa: E402
 from datasets import build_data  # noqa: E402
 
@@ -45,8 +46,8 @@ def recalibrate_bn(model: torch.nn.Module, stream, batches: int, device) -> None
     model.eval()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--weights", required=True, help="a model_*.pt file written by a method script")
     parser.add_argument("--data-root", help="override the dataset folder stored with the weights")
     parser.add_argument("--split", choices=["val", "test"], default="val",
@@ -59,10 +60,13 @@ def main():
     parser.add_argument("--save-confusion", help="write the summed confusion matrix (torch.save) here")
     parser.add_argument("--probe", type=float, metavar="TAU",
                         help="diagnostic: also probe the network's pseudo-labels at confidence >= TAU (in [0, 1])")
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     if cli.probe is not None and not 0.0 <= cli.probe <= 1.0:
         parser.error(f"--probe must be a confidence in [0, 1], got {cli.probe}")
-    saved = common.load_weights(cli.weights)  # tensors and plain values only: no code from the file runs
+    try:
+        saved = common.load_weights(cli.weights)  # tensors and plain values only: no code from the file runs
+    except (OSError, ValueError) as error:
+        sys.exit(f"--weights {error}")
     args = SimpleNamespace(**saved["args"])
     args.num_workers, args.log_with = cli.num_workers, None
     args.data_root = cli.data_root or args.data_root
@@ -82,12 +86,14 @@ def main():
     model.to(accelerator.device)
     if cli.recalibrate_bn > 0:
         recalibrate_bn(model, data.labeled_stream(0), cli.recalibrate_bn, accelerator.device)
-    result = common.evaluate(model, loader, accelerator, data.num_classes, args.eval_mode, args.crop_size)
+    result = common.evaluate(model, loader, accelerator, data.num_classes, args.eval_mode, args.crop_size,
+                             data.miou_over_present)
     probe = common.pseudo_label_probe(model, data, accelerator, cli.probe) if cli.probe is not None else None
     if accelerator.is_main_process:
         recalibrated = f", BatchNorm statistics from {cli.recalibrate_bn} labeled batches" if cli.recalibrate_bn else ""
         print(f"mIoU ({args.eval_mode}, {images} {cli.split} images{recalibrated}): {result['miou']:.2f}")
-        print("per-class IoU: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(data.class_names, result["iou"])))
+        print("per-class IoU: " + ", ".join(f"{n} {'absent' if v is None else f'{v:.1f}'}"
+                                            for n, v in zip(data.class_names, result["iou"])))
         if probe == {}:
             print(f"no probe: {args.dataset} has no sample of unlabeled training images with ground truth")
         if probe:

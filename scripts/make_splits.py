@@ -5,7 +5,7 @@ can be inspected, shared and reused with --split-dir.
       --out-dir splits/voc/classic_1-8_s0
 
 Writes OUT_DIR/labeled.txt and OUT_DIR/unlabeled.txt, one key a line (VOC id, Cityscapes image path relative to
-the root, CamVid file name, toy index); every method reads them back with `--split-dir OUT_DIR`.
+the root, CamVid file name, folder image stem, toy index); every method reads them back with `--split-dir OUT_DIR`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cli import description  # noqa: E402
 from datasets import resolve_split, write_split  # noqa: E402
 
 DEFAULT_ROOTS = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
@@ -22,8 +23,8 @@ DEFAULT_ROOTS = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", choices=["voc", "cityscapes", "camvid", "toy"], required=True)
+    parser = argparse.ArgumentParser(description=description(__doc__))
+    parser.add_argument("--dataset", choices=["voc", "cityscapes", "camvid", "toy", "folder"], required=True)
     parser.add_argument("--data-root", help="dataset folder (default as the method scripts)")
     parser.add_argument("--split", default="1/8", help="a fraction (1/8), a count (183) or 'full'")
     parser.add_argument("--protocol", choices=["classic", "blender"], default="classic",
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", help="folder for labeled.txt / unlabeled.txt "
                                           "(default splits/<dataset>/<protocol>_<split>_s<seed>)")
     args = parser.parse_args(argv)
+    if args.data_root is None and args.dataset == "folder":
+        parser.error("--dataset folder needs --data-root")
     if args.data_root is None:
         args.data_root = DEFAULT_ROOTS[args.dataset]
     args.split_dir = None  # draw the split, do not read one

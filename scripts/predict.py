@@ -4,12 +4,13 @@ class-index PNG and one colour overlay PNG per image, both at the input's size.
   python scripts/predict.py --weights runs/supervised_camvid_1-8_s0/model_best.pt --images photos/ --out predictions/
 
 Writes OUT/labels/<name>.png (palette PNG: each pixel's value is its class index, and image viewers show the
-dataset's class colours) and OUT/overlays/<name>.png (the image with the class colours blended over it). Each
-image is first resized by the run's --image-scale (the scale the network was trained at; CamVid runs see
-half-resolution images), the class probabilities are brought back to the input's size, and the argmax is taken
-there. Inference mode: the run's --eval-mode, except that images of more than --max-whole-pixels pixels (after
-the resize) go through sliding windows of the run's crop size, batched --window-batch at a time, so memory
-stays bounded on large photos.
+dataset's class colours) and OUT/overlays/<name>.png (the image with the class colours blended over it, and a
+legend of the classes below it). The command line of common.Segmenter (the Python API): each image is first
+resized by the run's --image-scale (the scale the network was trained at; CamVid runs see half-resolution images),
+the class probabilities are brought back to the input's size, and the argmax is taken there. Inference mode: the
+run's --eval-mode, except that images of more than --max-whole-pixels pixels (after the resize) go through sliding
+windows of the run's crop size, --window-batch at a time, streamed into an accumulator: besides the image, its
+label map and its overlay (7 bytes a pixel), memory stays within --memory-mb whatever the image's height.
 """
 import argparse
 import sys
@@ -19,29 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import draw_segmentation_masks  # noqa: E402
 
+import cli  # noqa: E402
 import common  # noqa: E402
-import datasets  # noqa: E402
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-PALETTES = {"voc": datasets.voc_palette(), "cityscapes": datasets.CITYSCAPES_PALETTE,
-            "camvid": datasets.CAMVID_PALETTE, "toy": datasets.TOY_PALETTE}
-
-
-class WindowBatches(nn.Module):
-    """The network applied to a batch in chunks of `size` images. common.predict stacks every sliding window
-    of an image into one batch; on a large photo that is hundreds of windows, and the network's activations
-    for all of them at once would not fit in memory."""
-
-    def __init__(self, model: nn.Module, size: int):
-        super().__init__()
-        self.model, self.size = model, size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(chunk) for chunk in x.split(self.size)])
+from datasets import IMAGE_SUFFIXES  # noqa: E402
 
 
 def list_images(folder: str) -> list[Path]:
@@ -59,79 +42,71 @@ def list_images(folder: str) -> list[Path]:
     return images
 
 
-def read_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except Exception as error:
-        sys.exit(f"--images: cannot read {path} as an image ({' '.join(str(error).split())})")
-
-
-@torch.no_grad()
-def segment(model: nn.Module, image: Image.Image, num_classes: int, mean, std, scale: float, mode: str,
-            window, device) -> torch.Tensor:
-    """Class index [H, W] at the input's size. The resize is PIL's bilinear, as the training loader's."""
+def overlay(image: Image.Image, labels: np.ndarray, palette: list, alpha: float, legend: np.ndarray) -> Image.Image:
+    """The class colours blended over the image (alpha), strip by strip (a few MB at a time), the legend below."""
     width, height = image.size
-    if scale != 1.0:
-        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-    x = ((x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)).unsqueeze(0).to(device)
-    probs = common.predict(model, x, num_classes, mode, window)
-    if probs.shape[-2:] != (height, width):
-        probs = common.upsample(probs, (height, width))
-    return probs.argmax(1)[0].cpu()
+    colours = np.array(palette, np.float32)
+    out = np.empty((height + legend.shape[0], width, 3), np.uint8)
+    step = max(1, (1 << 20) // width)
+    for top in range(0, height, step):
+        rgb = np.asarray(image.crop((0, top, width, min(top + step, height))), np.float32)
+        out[top:top + len(rgb)] = rgb * (1 - alpha) + colours[labels[top:top + len(rgb)]] * alpha
+    out[height:] = legend
+    return Image.fromarray(out)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=cli.description(__doc__))
     parser.add_argument("--weights", required=True, help="a model_*.pt file written by a method script")
     parser.add_argument("--images", required=True, help="folder of images (" + ", ".join(IMAGE_SUFFIXES) + ")")
     parser.add_argument("--out", required=True, help="output folder: labels/ and overlays/ are written in it")
     parser.add_argument("--mode", choices=["auto", "whole", "sliding"], default="auto",
                         help="auto: the run's --eval-mode, and sliding windows for images over --max-whole-pixels")
-    parser.add_argument("--window", type=int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--window", type=cli.positive_int, nargs=2, metavar=("H", "W"),
                         help="sliding window size (default: the run's --crop-size)")
-    parser.add_argument("--window-batch", type=int, default=8, help="sliding windows per network forward")
-    parser.add_argument("--max-whole-pixels", type=int, default=1024 * 1024,
+    parser.add_argument("--window-batch", type=cli.positive_int, default=8, help="sliding windows per network forward")
+    parser.add_argument("--max-whole-pixels", type=cli.positive_int, default=1024 * 1024,
                         help="auto mode: larger images (after --image-scale) use sliding windows")
-    parser.add_argument("--image-scale", type=float, help="resize factor before inference (default: the run's)")
+    parser.add_argument("--memory-mb", type=cli.positive_float, default=256.0,
+                        help="sliding windows: the most memory the class probabilities may hold at once")
+    parser.add_argument("--image-scale", type=cli.positive_float,
+                        help="resize factor before inference (default: the run's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlays")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    cli = parser.parse_args(argv)
-    if cli.window_batch <= 0:
-        parser.error(f"--window-batch must be positive, got {cli.window_batch}")
-    saved = common.load_weights(cli.weights)
-    images = list_images(cli.images)
-    args = saved["args"]
-    num_classes = saved["model"]["classifier.weight"].shape[0]
-    palette = PALETTES.get(args["dataset"])
-    if palette is None or len(palette) < num_classes:  # a dataset not listed in PALETTES: fixed random colours
-        palette = [tuple(np.random.default_rng([7, c]).integers(0, 256, 3).tolist()) for c in range(num_classes)]
-    model = common.build_model(args["backbone"], num_classes, "none", args["output_stride"], args["decoder_channels"])
-    model.load_state_dict(saved["model"])
-    model.to(cli.device).eval()
-    windowed = WindowBatches(model, cli.window_batch)
-    mean, std = common.normalization(args["backbone"])
-    scale = cli.image_scale if cli.image_scale is not None else args.get("image_scale", 1.0)
-    window = cli.window or args["crop_size"]
-    out = Path(cli.out)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    flat_palette = [v for colour in palette[:num_classes] for v in colour]
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error(f"--alpha: expected an opacity in [0, 1], got {args.alpha}")
+    try:
+        segment = common.load_segmenter(args.weights, device=args.device, mode=args.mode, window=args.window,
+                                        window_batch=args.window_batch, max_whole_pixels=args.max_whole_pixels,
+                                        image_scale=args.image_scale, memory_mb=args.memory_mb)
+    except (OSError, ValueError) as error:
+        sys.exit(f"--weights {error}")
+    images = list_images(args.images)
+    out = Path(args.out)
+    try:
+        for folder in (out / "labels", out / "overlays"):
+            folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"--out {out}: cannot create the output folders ({error.strerror or error})")
+    flat_palette = [v for colour in segment.palette for v in colour]
     for path in images:
-        image = read_rgb(path)
-        scaled_pixels = round(image.size[0] * scale) * round(image.size[1] * scale)
-        mode = cli.mode
-        if mode == "auto":
-            mode = "sliding" if scaled_pixels > cli.max_whole_pixels else args.get("eval_mode", "whole")
-        label = segment(windowed, image, num_classes, mean, std, scale, mode, window, cli.device)
-        indices = Image.fromarray(label.numpy().astype(np.uint8))
+        try:
+            image = segment.read(path)
+            mode = segment.mode_for(*image.size)
+            labels = segment(image)
+        except (OSError, ValueError) as error:
+            sys.exit(f"--images: {' '.join(str(error).split())}")
+        indices = Image.fromarray(labels)
         indices.putpalette(flat_palette)  # grayscale -> palette PNG: values stay class indices, viewers show colours
-        indices.save(out / "labels" / f"{path.stem}.png")
-        rgb = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-        masks = label.unsqueeze(0) == torch.arange(num_classes).view(-1, 1, 1)
-        overlay = draw_segmentation_masks(rgb, masks, alpha=cli.alpha, colors=[tuple(c) for c in palette])
-        Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(out / "overlays" / f"{path.stem}.png")
+        present = sorted(set(np.unique(labels).tolist()))  # the legend lists the classes in this image
+        legend = common.class_legend([segment.class_names[c] for c in present], [segment.palette[c] for c in present],
+                                     image.size[0], scale=max(1.0, image.size[0] / 800))
+        try:
+            indices.save(out / "labels" / f"{path.stem}.png")
+            overlay(image, labels, segment.palette, args.alpha, legend).save(out / "overlays" / f"{path.stem}.png")
+        except OSError as error:
+            sys.exit(f"--out {out}: cannot write {path.stem}.png ({error.strerror or error})")
         print(f"{path.name}: {image.size[0]}x{image.size[1]}, {mode}", flush=True)
     print(f"wrote {len(images)} label maps to {out / 'labels'} and overlays to {out / 'overlays'}")
 

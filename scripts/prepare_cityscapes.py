@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import description  # noqa: E402
+
 # labelId -> trainId (cityscapesScripts/helpers/labels.py); every other id (void classes, license plate, ...)
 # becomes 255 (ignore).
 LABEL_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
@@ -57,7 +60,7 @@ def convert_file(src: Path, dst: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--root", required=True, help="Cityscapes folder holding gtFine/ (and leftImg8bit/)")
     parser.add_argument("--splits", nargs="+", help="sub-folders of gtFine to convert (default: all present, "
                                                     "e.g. train val test)")

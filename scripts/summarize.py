@@ -3,7 +3,7 @@
   python scripts/summarize.py runs/*                            # prints the table
   python scripts/summarize.py runs/ctt_* runs/supervised_* --plot curves.png
 
-Reads what every method script writes to its --out folder: args.json (method, dataset, split, seed),
+Reads what every method script writes to its --out folder: args.json (method, dataset, split or --split-dir list, seed),
 metrics.jsonl (one record per evaluation: iteration, miou) and train.jsonl (sec_per_iter, training seconds per
 iteration with evaluations excluded). Last mIoU = the last evaluation, best = the highest evaluation (chosen on
 val, so optimistic); s/iter = the median over train.jsonl, robust to the slow first iterations. Folders without
@@ -14,6 +14,9 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import description  # noqa: E402
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -36,8 +39,11 @@ def read_run(folder: Path) -> dict | None:
         return None
     args = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
     speeds = [r["sec_per_iter"] for r in read_jsonl(folder / "train.jsonl") if "sec_per_iter" in r]
+    split, listed = args.get("split", "?"), args.get("split_list")
+    if isinstance(listed, dict):  # a --split-dir run: its list's name, label count and hash (args.json has all)
+        split += f" ({listed.get('labels', '?')} labels, sha256 {str(listed.get('labeled_sha256', '?'))[:8]})"
     return {"run": folder.name, "method": args.get("method", "?"), "dataset": args.get("dataset", "?"),
-            "split": args.get("split", "?"), "seed": args.get("seed", "?"), "iteration": metrics[-1]["iteration"],
+            "split": split, "seed": args.get("seed", "?"), "iteration": metrics[-1]["iteration"],
             "last": metrics[-1]["miou"], "best": max(r["miou"] for r in metrics),
             "sec_per_iter": statistics.median(speeds) if speeds else None,
             "curve": [(r["iteration"], r["miou"]) for r in metrics]}
@@ -73,7 +79,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("runs", nargs="+", help="run folders (the --out of method scripts)")
     parser.add_argument("--plot", help="also draw every run's mIoU over iterations into this PNG file")
     cli = parser.parse_args(argv)

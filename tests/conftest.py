@@ -20,6 +20,35 @@ TINY = ["--dataset", "toy", "--backbone", "resnet18", "--pretrained", "none", "-
         "--num-overlays", "1", "--log-every", "1"]
 
 
+FOLDER_CLASSES = ["ground", "round thing", "square thing"]
+
+
+def make_folder_dataset(root: Path, labeled: int = 5, unlabeled: int = 3, val: int = 3,
+                        unlabeled_masks: bool = False) -> Path:
+    """A --dataset folder tree of toy scenes (64x80) with 3 classes (toy background; disks; boxes, stripes and
+    triangles): `labeled` train images with masks, `unlabeled` without (with, if unlabeled_masks: then only a
+    --split makes them unlabeled), `val` val images, classes.txt with a colour on two of its three lines."""
+    import numpy as np
+    from PIL import Image
+    import datasets
+    to_three = np.array([0, 1, 2, 2, 2], np.uint8)
+    for split, count, first in (("train", labeled + unlabeled, 0), ("val", val, 100_000)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for i in range(count):
+            image, mask = datasets.toy_scene(first + i)
+            Image.fromarray(image).save(root / "images" / split / f"scene_{i:02d}.jpg", quality=95)
+            if split == "val" or i < labeled or unlabeled_masks:
+                Image.fromarray(to_three[mask]).save(root / "masks" / split / f"scene_{i:02d}.png")
+    (root / "classes.txt").write_text("ground 40,40,40\nround thing\nsquare thing 60,200,60\n")
+    return root
+
+
+FOLDER_TINY = ["--dataset", "folder", "--backbone", "resnet18", "--pretrained", "none", "--decoder-channels", "16",
+               "--crop-size", "32", "48", "--image-scale", "1", "--batch-size", "2", "--unlabeled-batch-size", "2",
+               "--num-workers", "0", "--num-overlays", "1", "--log-every", "1"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -66,7 +66,9 @@ def test_predict_command_line_writes_a_label_map_and_an_overlay_per_image(run, i
     for source in sorted(images.iterdir()):
         label = Image.open(out / "labels" / f"{source.stem}.png")
         overlay = Image.open(out / "overlays" / f"{source.stem}.png")
-        assert label.size == overlay.size == Image.open(source).size, source.name
+        width, height = Image.open(source).size
+        assert label.size == (width, height) and overlay.size[0] == width, source.name
+        assert overlay.size[1] > height  # the legend of the image's classes below it
         assert label.mode == "P" and overlay.mode == "RGB"
         values = np.array(label)
         assert values.dtype == np.uint8 and values.max() < TOY_CLASSES, source.name
@@ -119,7 +121,7 @@ def test_predict_errors_are_one_line_naming_the_flag_and_file(run, images, tmp_p
     assert message.startswith(f"--images {empty}: no image files") and ".png" in message
     (images / "broken.png").write_bytes(b"this is not a PNG")
     message = _exit_message(["--weights", weights, "--images", str(images), "--out", out])
-    assert message.startswith("--images: cannot read") and "broken.png" in message and "\n" not in message
+    assert message.startswith("--images: unreadable image") and "broken.png" in message and "\n" not in message
     (images / "broken.png").unlink()
     (images / "scene0.jpg").write_bytes((images / "big.jpg").read_bytes())  # would overwrite scene0.png's output
     assert "scene0.jpg and scene0.png" in _exit_message(["--weights", weights, "--images", str(images), "--out", out])

@@ -38,7 +38,8 @@ DATASET_DEFAULTS = {
 }
 FOLDER_DEFAULTS_FROM = "camvid"
 # Ours: the folder's images may be many and large, so decoded images are not kept in the workers unless asked.
-DATASET_DEFAULTS["folder"] = {**DATASET_DEFAULTS[FOLDER_DEFAULTS_FROM], "cache_images": False, "split": "full"}
+DATASET_DEFAULTS["folder"] = {**DATASET_DEFAULTS[FOLDER_DEFAULTS_FROM], "cache_images": False, "split": "full",
+                              "labeled_draw": "random"}
 # --split: the field's 1/8 of a labeled pool; on your own data every train image with a mask is labeled.
 for _conventions in DATASET_DEFAULTS.values():
     _conventions.setdefault("split", "1/8")

@@ -69,13 +69,12 @@ def main(argv=None):
                         help="auto mode: larger images (after --image-scale) use sliding windows")
     parser.add_argument("--memory-mb", type=cli.positive_float, default=256.0,
                         help="sliding windows: the most memory the class probabilities may hold at once")
-    parser.add_argument("--image-scale", type=cli.positive_float,
+    parser.add_argument("--image-scale", type=cli.bounded(float, "[0.05, 4]"),
                         help="resize factor before inference (default: the run's)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlays")
+    parser.add_argument("--alpha", type=cli.probability, default=0.5,
+                        help="opacity of the class colours in the overlays")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.alpha <= 1.0:
-        parser.error(f"--alpha: expected an opacity in [0, 1], got {args.alpha}")
     try:
         segment = common.load_segmenter(args.weights, device=args.device, mode=args.mode, window=args.window,
                                         window_batch=args.window_batch, max_whole_pixels=args.max_whole_pixels,

@@ -23,22 +23,24 @@ TINY = ["--dataset", "toy", "--backbone", "resnet18", "--pretrained", "none", "-
 FOLDER_CLASSES = ["ground", "round thing", "square thing"]
 
 
-def make_folder_dataset(root: Path, labeled: int = 5, unlabeled: int = 3, val: int = 3,
+def make_folder_dataset(root: Path, labeled: int = 5, unlabeled: int = 3, val: int = 3, test: int = 0,
                         unlabeled_masks: bool = False) -> Path:
     """A --dataset folder tree of toy scenes (64x80) with 3 classes (toy background; disks; boxes, stripes and
     triangles): `labeled` train images with masks, `unlabeled` without (with, if unlabeled_masks: then only a
-    --split makes them unlabeled), `val` val images, classes.txt with a colour on two of its three lines."""
+    --split makes them unlabeled), `val` and `test` images, classes.txt with a colour on two of its three lines."""
     import numpy as np
     from PIL import Image
     import datasets
     to_three = np.array([0, 1, 2, 2, 2], np.uint8)
-    for split, count, first in (("train", labeled + unlabeled, 0), ("val", val, 100_000)):
+    for split, count, first in (("train", labeled + unlabeled, 0), ("val", val, 100_000), ("test", test, 200_000)):
+        if not count:
+            continue
         (root / "images" / split).mkdir(parents=True)
         (root / "masks" / split).mkdir(parents=True)
         for i in range(count):
             image, mask = datasets.toy_scene(first + i)
             Image.fromarray(image).save(root / "images" / split / f"scene_{i:02d}.jpg", quality=95)
-            if split == "val" or i < labeled or unlabeled_masks:
+            if split != "train" or i < labeled or unlabeled_masks:
                 Image.fromarray(to_three[mask]).save(root / "masks" / split / f"scene_{i:02d}.png")
     (root / "classes.txt").write_text("ground 40,40,40\nround thing\nsquare thing 60,200,60\n")
     return root

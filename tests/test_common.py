@@ -790,10 +790,10 @@ def test_help_shows_defaults_and_answers_before_torch_is_imported(name):
     text = _help_without_torch(name)
     assert text.rstrip().endswith("torch imported: False"), text[-500:]
     assert "--log-every LOG_EVERY" in text and "(default: 20)" in text
-    assert "(default: voc imagenet, cityscapes imagenet, camvid imagenet, toy none)" in text  # --pretrained
+    assert "(default: voc imagenet, cityscapes imagenet, camvid imagenet, toy none, folder imagenet)" in text
     assert ("--unlabeled-batch-size" in text) == (name != "supervised")  # the baseline has no unlabeled stream
     if name == "dual_teacher":
-        assert "(default: camvid 400, toy 100)" in text  # --iters-per-epoch, from its PAPER_DEFAULTS
+        assert "(default: camvid 400, toy 100, folder 400)" in text  # --iters-per-epoch (folder: as CamVid)
 
 
 def test_every_boolean_flag_is_a_switch_that_resolves_to_true_or_false():

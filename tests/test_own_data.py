@@ -116,10 +116,10 @@ def test_miou_over_present_classes_leaves_absent_classes_out():
 
 
 def test_folder_dataset_trains_evaluates_predicts_and_resumes(tmp_path):
-    """mean_teacher on 5 labeled + 3 unlabeled + 3 val images whose classes.txt lists a 4th class that no mask
-    holds: an exact resume, classes named as in classes.txt, the absent one reported absent and out of the mIoU,
+    """mean_teacher on 5 labeled + 3 unlabeled + 3 val (+ 2 test) images whose classes.txt lists a 4th class that no
+    mask holds: an exact resume, classes named as in classes.txt, the absent one reported absent and out of the mIoU,
     the stopped run's last line, evaluate.py's mIoU, predict.py's labels with the run's colours and a legend."""
-    root = make_folder_dataset(tmp_path / "data")
+    root = make_folder_dataset(tmp_path / "data", test=2)
     (root / "classes.txt").write_text((root / "classes.txt").read_text() + "unused thing 200,0,200\n")
     assert_resume_equivalent("mean_teacher.py", [*FOLDER_TINY, "--data-root", str(root)], tmp_path)
     run = tmp_path / "resumed"
@@ -129,6 +129,7 @@ def test_folder_dataset_trains_evaluates_predicts_and_resumes(tmp_path):
     assert last["absent_classes"] == ["unused thing"]
     assert last["miou"] == pytest.approx(np.mean([last["iou"][n] for n in FOLDER_CLASSES]), abs=0.01)
     assert "unused thing absent" in (run / "log.txt").read_text()
+    assert last["test_iou"]["unused thing"] is None and "test_miou" in last  # images/test, scored at the end
     saved = torch.load(run / "model_best.pt", weights_only=True)
     assert saved["class_names"][3] == "unused thing" and tuple(saved["palette"][3]) == (200, 0, 200)
     printed = run_method("../scripts/evaluate.py", ["--weights", str(run / "model_last.pt"), "--num-workers", "0"])

@@ -1246,7 +1246,8 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
         accelerator.log({"eval/mIoU": result["miou"], "eval/best_mIoU": state.best_miou,
                          **{f"eval/{k}": v for k, v in record.items() if k.startswith(("miou_", "pseudo_acc",
                                                                                        "pseudo_share"))},
-                         **{f"test/{k[5:]}": v for k, v in record.items() if k.startswith("test_miou")},
+                         **{"test/mIoU" if k == "test_miou" else f"test/{k[5:]}": v for k, v in record.items()
+                            if k.startswith("test_miou")},
                          **{f"eval/{n}_IoU": v for n, v in iou.items() if v is not None}}, step=step)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:

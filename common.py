@@ -1051,12 +1051,8 @@ def _class_names_and_palette(saved: dict, num_classes: int) -> tuple[list, list]
     else class numbers and fixed colours."""
     if saved.get("class_names") and saved.get("palette"):
         return list(saved["class_names"]), [tuple(c) for c in saved["palette"]]
-    import datasets
-    dataset = saved["args"].get("dataset")
-    names = {"voc": datasets.VOC_CLASSES, "cityscapes": datasets.CITYSCAPES_CLASSES,
-             "camvid": datasets.CAMVID_CLASSES, "toy": datasets.TOY_CLASSES}.get(dataset)
-    palette = {"voc": datasets.voc_palette(), "cityscapes": datasets.CITYSCAPES_PALETTE,
-               "camvid": datasets.CAMVID_PALETTE, "toy": datasets.TOY_PALETTE}.get(dataset)
+    from datasets import CLASSES
+    names, palette = CLASSES.get(saved["args"].get("dataset"), (None, None))
     if names is None or len(names) != num_classes:
         names = [str(c) for c in range(num_classes)]
         palette = [tuple(np.random.default_rng([7, c]).integers(0, 256, 3).tolist()) for c in range(num_classes)]

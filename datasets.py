@@ -65,6 +65,9 @@ def voc_palette() -> list[tuple]:
     return palette[:21]
 
 
+CLASSES = {"voc": (VOC_CLASSES, voc_palette()), "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
+           "camvid": (CAMVID_CLASSES, CAMVID_PALETTE), "toy": (TOY_CLASSES, TOY_PALETTE)}  # folder: classes.txt
+
 LAYOUTS = {
     "voc": "JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png or SegmentationClass/<id>.png (VOC's, or UniMatch's "
            "with the SBD masks), ImageSets/Segmentation/train.txt and val.txt [and train_aug.txt] (lines: ids, or "
@@ -212,6 +215,9 @@ def list_folder(root: Path):
     """Training pool: every image of images/train; labeled pool: those with a mask; val: images/val (the
     optional images/test: list_test)."""
     pool = folder_entries(root, "train", masks_required=False)
+    if pool and all(e[1] is None for e in pool):
+        sys.exit(f"--data-root: no image of {root / 'images' / 'train'} has a mask in {root / 'masks' / 'train'} "
+                 f"(a mask is <image stem>.png): nothing to learn the classes from")
     return pool, [e for e in pool if e[1] is not None], folder_entries(root, "val", masks_required=True)
 
 
@@ -293,7 +299,7 @@ def resolve_split(args):
         pool, labeled_pool, val = list_folder(root)
     else:
         pool, labeled_pool, val = list_toy()
-    for name, entries in (("labeled training", labeled_pool), ("validation", val)):
+    for name, entries in (("training", labeled_pool), ("validation", val)):
         if not entries:
             sys.exit(f"--data-root {root}: no {name} images found; --dataset {args.dataset} expects "
                      f"{LAYOUTS[args.dataset]}")
@@ -709,13 +715,7 @@ def build_data(args, accelerator, mean, std, need_unlabeled=True, strong=True) -
     lengths, class names, palette, denormalize, and `probe_set` (a fixed sample of unlabeled training images
     with their ground truth, for the pseudo-label probe only).
     strong=False: unlabeled samples come without the photometric strong view."""
-    if args.dataset == "folder":
-        names, palette = read_classes(Path(args.data_root))
-    else:
-        names = {"voc": VOC_CLASSES, "cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
-                 "toy": TOY_CLASSES}[args.dataset]
-        palette = {"voc": voc_palette(), "cityscapes": CITYSCAPES_PALETTE, "camvid": CAMVID_PALETTE,
-                   "toy": TOY_PALETTE}[args.dataset]
+    names, palette = read_classes(Path(args.data_root)) if args.dataset == "folder" else CLASSES[args.dataset]
     num_classes = len(names)
     labeled, unlabeled, val = resolve_split(args)
     if need_unlabeled and not unlabeled:

@@ -82,6 +82,8 @@ def test_folder_layout_labeled_unlabeled_and_errors_name_the_file(tmp_path):
     shutil.rmtree(root / "images" / "val")
     message = exit_message(datasets.resolve_split, folder_args(root))
     assert "images/val does not exist" in message and "classes.txt" in message  # with the expected layout
+    shutil.rmtree(root / "masks" / "train")
+    assert "no image of" in exit_message(datasets.resolve_split, folder_args(root))  # a mask names its image
 
 
 def test_mask_value_outside_the_classes_is_refused_at_start_up(tmp_path, accelerator, monkeypatch):

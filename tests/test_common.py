@@ -575,12 +575,12 @@ def _checkpoint_step(folder: Path) -> int:
 
 
 def test_non_finite_training_stops_and_keeps_a_finite_last_checkpoint(tmp_path):
-    """--lr 1e6 with a checkpoint at every iteration: losses stay finite for a while but BN running variances
+    """--lr 10 (head x100) with a checkpoint at every iteration: losses stay finite for a while but BN running variances
     overflow. The run must stop before such a state replaces the last good checkpoint (it used to keep 26 inf
     running_var tensors, and every resume hit NaN again)."""
     out = tmp_path / "run"
     result = run_method("supervised.py", [*TINY, "--num-overlays", "0", "--iters", "12", "--eval-every", "1",
-                                          "--lr", "1e6", "--out", str(out)], check=False)
+                                          "--lr", "10", "--head-lr-mult", "100", "--out", str(out)], check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "FloatingPointError: non-finite" in output and "last good checkpoint is kept" in output

@@ -20,42 +20,17 @@ the losses at t see the banks of t-1: cross_teacher_contr.py:1026-1037), n_add =
 :491-494). HC/LC switch on for good once every queue of every bank holds Q = 128 (§3.4, Table 7; the code checks
 both banks alike, with Q = 256: cross_teacher_contr.py:1041). Students are evaluated; pair A is reported.
 
-Decisions and deviations from the paper or the code, each with its reason:
-- The project's pipeline, shared by every method: DeepLabv3+ (paper: v2 and v3+); views and evaluation (code: jitter
-  0.25 + blur after mixing; scale + crop; §4.1: rotations, flips, translations); one forward per student on
-  [labeled; unlabeled], BN statistics over both (the code runs two). Features = decoder output at stride 4, before
-  upsampling; labels, pseudo-labels, confidences (classifier on that feature) and padding mask are nearest-downsampled
-  to it (§4.1; ignore survives). Bank entries are L2-normalised: cosine similarities, as the code
-  (model/deeplabv2.py:206). Padding is not image: it is left out of L_ct, w, HC and LC.
-- Bank entry: correct pixels, top-k by softmax, no confidence gate (§3.3; its later "otherwise randomly selected"
-  contradicts its criterion (3): top-k, as the code). The code's extra max RAW LOGIT >= 0.95
-  (cross_teacher_contr.py:484) is not in the paper; its ranking by max logit (same file :498) is another order (the
-  softmax also depends on the other logits). --bank-threshold t adds softmax >= t (0.95: our earlier rule, ablation).
-- Labeled HC queries are gamma-gated too (Eq. 7): only then are Table 8's ends (gamma 0 / 1) Table 4's HC-only /
-  LC-only rows. --hc-labeled all: every labeled pixel, as both scripts (cross_teacher_contr.py:961,
-  cross_teacher_deeplabv3+.py:951).
-- LC (Eq. 9): m = 0 and the peer strictly more confident. The DeepLabv2 script has no peer rule
-  (cross_teacher_contr.py:971,983; Table 9's "w/o directional mask"). The v3+ script's extra peer >= gamma
-  (cross_teacher_deeplabv3+.py:972) is left out: that branch never ran (contr_train=False, same file :868, in every
-  commit). LC classes are counted after the gating (the v3+ code can divide 0/0, same file :655-680).
-- Mixing: ClassMix keeps floor(n/2) of the n classes (never padding), with one class the partner whole
-  (cross_teacher_contr.py:121, utils/transformsgpu.py:58); --mix cutmix is the code's "cut", a half-image box. ONE
-  draw for all students (the code: one per student, cross_teacher_contr.py:934-935) keeps their features
-  pixel-aligned, as LC needs; its classes come from all teachers' mean softmax, so a student's mix region (never its
-  target) depends on its own teacher too.
-- N > 2 pairs (left open by the paper): pseudo-label = mean softmax of all other teachers (1 pair: its own), LC peer
-  = the most confident other student, LC negatives from all N banks (N = 2: the paper's rule). Table 6 is CT only
-  (its 2-pair 63.69 is Table 5's "CTT w/o HC and LC"): --pairs 1 / 3 match it only with --lambda-hc 0 --lambda-lc 0,
-  which skips the banks (no labeled teacher pass, no contrastive cost): the HEAD's loss (cross_teacher_contr.py:991).
-- Multi-process: every process keeps the same global top-n_add of the gathered local ones, so banks are identical
-  everywhere (tests/test_ctt.py checks it, with 2 processes too); B = the global labeled batch.
-- Teachers keep BN in train mode, as the code (--teacher-bn eval: buffers copied). Pair i is built under seed*100+i
-  so the pairs differ; with --pretrained only the decoders differ (v3+ script; v2: A COCO, B ImageNet).
-- --contrast-after K (ours, off by default): HC/LC on after K iterations even with queues not full (filled entries
-  only), for data where some queue never fills.
-- Schedule: 80k iterations, lr 2.5e-4 (head x10), wd 5e-4, VOC crop 321 batch 10+10, Cityscapes 512x1024 -> 256x512
-  batch 2+2 (§4.1, configs/config*.json). Not in the paper, so the project's (common.py): evaluation every 4000, an
-  epoch = one pass over the unlabeled set, the CamVid/toy settings.
+Deviations from the paper or the code, one line each (the reasons, with their sources: docs/methods/ctt.md):
+- Shared pipeline; one forward per student on [labeled; unlabeled]; features at stride 4  (docs/methods/ctt.md#pipeline)
+- Bank entry: correct pixels, top-k by softmax, no raw-logit gate (code :484, :498)  (docs/methods/ctt.md#bank-entry)
+- Labeled HC queries gamma-gated (Eq. 7); --hc-labeled all: every pixel, as the code  (docs/methods/ctt.md#hc-queries)
+- LC: m = 0 and the peer strictly more confident (Eq. 9), the v3+ script's gamma gate left out  (docs/methods/ctt.md#lc)
+- Mixing: ClassMix of floor(n/2) classes, ONE draw for all students (the code: one each)  (docs/methods/ctt.md#mixing)
+- N > 2 pairs (ours): the mean of the other teachers, the most confident other peer  (docs/methods/ctt.md#pairs)
+- Multi-process: the same global top-n_add on every process, identical banks  (docs/methods/ctt.md#multi-process)
+- Teachers' BN in train mode, as the code; pair i built under seed*100+i  (docs/methods/ctt.md#teachers)
+- --contrast-after K (ours, off): HC/LC on after K iterations, filled entries only  (docs/methods/ctt.md#contrast-after)
+- Schedule: §4.1 and the configs; what the paper leaves open is the project's (ours)  (docs/methods/ctt.md#schedule)
 
   accelerate launch methods/ctt.py --dataset voc --data-root data/VOC2012 --split 1/8
 """

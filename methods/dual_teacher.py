@@ -19,53 +19,20 @@ first author says to port (github.com/naver-ai/dual-teacher/issues/3). This file
   EfficientNet-Lite0), rates linear from 0 to --drop-path = 0.1 over those blocks (the MiT student's 0.1,
   seg_core/mix_transformer.py:222, 389-394); the teachers have none (:397-402). S is evaluated (tools/train.py:161).
 
-Shift length (--iters-per-epoch; the released epoch is one pass over the labeled loader, tools/train.py:109). VOC,
-Cityscapes: UniMatch's epoch, one unlabeled pass at the global unlabeled batch (LiheYoung/UniMatch@0324f3d
-unimatch.py:77-93): 1,299 iterations on VOC 1/8, 661-1,311 over the VOC splits, 185-348 on Cityscapes 1/2-1/16, so
-every shift reaches the cap and runs on after it. CamVid, toy (ours): a CamVid 1/8 pass is 40 iterations, ending a
-shift at a = 0.975 with a lag of 19.5 steps (99 on VOC 1/8; means 9.75 vs 89.5). The method needs shifts that
-reach the cap (>= 100 updates) and use the teacher after it, and >= 4 shifts: 400 on CamVid (1,600 = 4 shifts, 2
-per teacher, evaluated at each shift end), 100 on toy (300 = 3 shifts; 4 would end below the cap). Every shift
-ending below the cap logs a WARNING.
---iters-per-epoch 40 is the former CamVid default (the "40-iteration shifts" ablation).
+Shift length (--iters-per-epoch): one unlabeled pass on VOC and Cityscapes (UniMatch's epoch); 400 iterations on
+CamVid, 100 on toy (ours), so that every shift reaches the EMA cap  (docs/methods/dual_teacher.md#shift-length).
+Each shift end logs the largest a and the teacher's lag behind the student  (docs/methods/dual_teacher.md#logged).
 
-Logged per shift (a line at each shift end; metrics.jsonl at evaluations, the active teacher's shift so far):
-ema_a_max = the largest a reached; teacher_lag = the teacher's mean lag in student steps after its last update s:
-with theta_T = sum_j w_j theta_S(j) (theta_S(j) = the student after step j, w_j >= 0, sum 1), lag = sum_j w_j (s-j),
-the EMA-weighted mean age of the student iterates it averages (recursion lag <- a (lag + g), g = student steps since
-its previous update); teacher_lag_mean = its mean over the shift's updates. In a shift (i = 0, 1, ...): lag_i = i/2
-to i = 99, then 99 - 49.5 * 0.99^(i-99) -> 99 (a plain 0.99 EMA); shifts of 40 / 400 / 1,299 end at a 0.975 / 0.99 /
-0.99, lag 19.5 / 96.6 / 99.0 (mean 9.75 / 68.8 / 89.5). The probe (pseudo_* keys) scores the active teacher exactly
-as it labels: train mode (BN batch statistics) on batches of --unlabeled-batch-size probe images (whole rescaled
-unlabeled images, not crops), its BN buffers restored afterwards.
-
-Released code -> what we do, and why:
-- Teachers with their own random heads (tools/train.py:402-414) -> student copies (changes 2 pseudo-label batches).
-- V comes from the *labeled* batch's ground truth (tools/train.py:125; augmentations.py:280-281), a bug -> the
-  unlabeled images' own padding mask; --ic-valid-from-labeled restores the released behaviour.
-- The EMA ramp restarts every shift: kept (the method). --ema-step teacher, the no-reset ablation: a teacher's ramp
-  counts its own updates from its first shift (a = 0 there: a student copy, as in the method), so an idle teacher
-  comes back lagging by the other's shift (teacher_lag shows it). It replaces --ema-step global (the global step),
-  under which T2's first update kept a = n/(n+1) of its initial copy (n = shift length), half of it after the shift.
-- No shuffling under DDP (tools/train.py:421-430; mmseg/datasets/builder.py:116-119) and the unlabeled iterator
-  restarts every epoch (tools/train.py:97): the same first unlabeled images each epoch -> both streams reshuffle.
-- Strong view: jitter of the normalised batch tensor, one factor set per batch (tools/train.py:129-131) -> UniMatch's
-  per-image view with these parameters (datasets.strong_photometric; LiheYoung/UniMatch@0324f3d dataset/semi.py:51-54).
-- Pseudo-labels in train mode, BN batch statistics (tools/train.py:108): kept. The code calls the teacher twice per
-  iteration (augmentations.py:22 or 212, and 273) as SegFormer's head has dropout (seg_core/segformer_head.py:96,
-  128); DeepLabv3+ has none, so a second train-mode forward of x_w is identical: we forward once (tested).
-- Mixing as coded: CutMix on the weak images and hard labels, one box size per batch (lambda ~ Beta(4,4), centres in
-  [H/8, H) x [W/8, W), augmentations.py:155-192), then per-image jitter/blur/flip (:65-143), weighted by the *un-mixed*
-  confidence quantised to 8 bits (floor(255c)/255; the code's flip of that map cannot change a per-image share);
-  ClassMix pastes floor(n/2) classes on the strong view, one batch weight (:195-255); no mix loss masks a pixel. We
-  jitter/blur in float, not 8-bit PIL (GaussianBlur(radius) ~ a Gaussian of std radius): a <= 1/255 difference.
-- Teachers keep their own BN statistics (EMA of parameters only, tools/train.py:249-250): used by the overlays only.
-- VOC/Cityscapes recipe, not released -> UniMatch's (LiheYoung/UniMatch@0324f3d configs/pascal.yaml:4-16,
-  configs/cityscapes.yaml:4-17): SGD (the ADE20K code: AdamW, tools/train.py:436-461), poly 0.9, VOC lr 1e-3 head
-  x10, 80 epochs, crop 321, ResNet-50 (the paper's VOC table); Cityscapes lr 5e-3 head x1, 240 epochs, crop 801, OHEM,
-  sliding-window eval, threshold 0.95 (not UniMatch's 0). Drop-path on ResNet blocks is our assumption (the CNN
-  sub-models are not released). Evaluation: full val set, original resolution, best and last logged (the code: the
-  best epoch on half the val set, tools/train.py:157-167, 497-508). Shared: common.py (ResNet layout, SyncBN on CUDA).
+Released code -> what we do, one line each (the reasons, with their sources: docs/methods/dual_teacher.md):
+- Teachers with their own random heads -> student copies  (docs/methods/dual_teacher.md#teacher-init)
+- V from the labeled batch's ground truth (a bug) -> the unlabeled padding mask  (docs/methods/dual_teacher.md#ic-mask)
+- The EMA ramp restarts every shift: kept (--ema-step teacher: no reset)  (docs/methods/dual_teacher.md#ema-ramp)
+- No shuffling under DDP, the same unlabeled order each epoch -> reshuffled  (docs/methods/dual_teacher.md#streams)
+- Strong view: jitter of the batch tensor -> UniMatch's per-image view  (docs/methods/dual_teacher.md#strong-view)
+- Pseudo-labels in train mode: kept; one teacher forward, not two  (docs/methods/dual_teacher.md#teacher-forward)
+- Mixing as coded; jitter and blur in float, not 8-bit PIL  (docs/methods/dual_teacher.md#mixing)
+- Teachers keep their own BN statistics: used by the overlays only  (docs/methods/dual_teacher.md#teacher-bn)
+- VOC/Cityscapes recipe, not released -> UniMatch's; ResNet drop-path (ours)  (docs/methods/dual_teacher.md#recipe)
 Passes per iteration: 1 teacher forward without grad (x_w), 2 student forward+backward ([x_l; x~] and x_s).
 
   accelerate launch methods/dual_teacher.py --dataset voc --data-root data/VOC2012 --split 1/8

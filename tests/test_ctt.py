@@ -97,16 +97,16 @@ def test_bank_entry_paper_rule_correct_pixels_top_k_no_confidence_gate():
     conf1 = torch.tensor([[0.30, 0.60, 0.55], [0.999, 0.02, 0.98]])  # P(class 1) per pixel
     prob = torch.stack([1 - conf1, conf1])[None]  # predictions: [[0, 1, 1], [1, 0, 1]]
     label = torch.tensor([[[0, 1, 1], [0, 1, 255]]])  # (1,0) and (1,1): wrong at 0.999 and 0.98; (1,2) ignored
-    banks.update(0, feature, prob, label, 2, ACC)  # default threshold 0 = the paper's rule
+    banks.update(0, feature, prob, label, n_add=2, accelerator=ACC)  # default threshold 0 = the paper's rule
     flat = F.normalize(feature[0].permute(1, 2, 0).reshape(-1, 3), dim=1)
     assert banks.size[0].tolist() == [1, 2] and banks.candidates[0].tolist() == [1, 2]
     assert torch.allclose(banks.feats[0, 0, 3], flat[0])  # correct at confidence 0.70 (below 0.95): enters
     assert torch.allclose(banks.feats[0, 1, 2:], flat[[1, 2]])  # 0.60 then 0.55, not the wrong 0.98 pixel
     one = ctt.MemoryBanks(1, 2, 4, 3)
-    one.update(0, feature, prob, label, 1, ACC)  # k = 1: the most confident correct pixel of each class
+    one.update(0, feature, prob, label, n_add=1, accelerator=ACC)  # k = 1: each class's most confident correct pixel
     assert torch.allclose(one.feats[0, 1, 3], flat[1]) and torch.allclose(one.feats[0, 0, 3], flat[0])
     gated = ctt.MemoryBanks(1, 2, 4, 3)
-    gated.update(0, feature, prob, label, 2, ACC, 0.95)  # --bank-threshold 0.95 (ablation): nothing passes here
+    gated.update(0, feature, prob, label, n_add=2, accelerator=ACC, threshold=0.95)  # ablation: none passes
     assert gated.size.sum() == 0 and gated.candidates.sum() == 0
 
 
@@ -116,12 +116,12 @@ def test_bank_entry_with_the_confidence_gate_ablation_takes_top_k_correct_confid
     conf1 = torch.tensor([[0.99, 0.97, 0.96], [0.90, 0.999, 0.98]])  # P(class 1) per pixel
     prob = torch.stack([1 - conf1, conf1])[None]  # teacher predicts class 1 everywhere
     label = torch.tensor([[[1, 1, 1], [1, 0, 255]]])  # (1,1) wrong, (1,2) ignored, (1,0) not confident
-    banks.update(0, feature, prob, label, 2, ACC, 0.95)
+    banks.update(0, feature, prob, label, n_add=2, accelerator=ACC, threshold=0.95)
     flat = F.normalize(feature[0].permute(1, 2, 0).reshape(-1, 3), dim=1)
     assert banks.size[0].tolist() == [0, 2] and banks.candidates[0].tolist() == [0, 3]
     assert torch.allclose(banks.feats[0, 1, 2:], flat[[0, 1]])  # 0.99 then 0.97: the two most confident
     before = banks.feats.clone()
-    banks.update(0, feature, prob, torch.zeros_like(label), 2, ACC, 0.95)  # all predictions wrong
+    banks.update(0, feature, prob, torch.zeros_like(label), n_add=2, accelerator=ACC, threshold=0.95)  # all wrong
     assert torch.equal(banks.feats, before) and banks.size[0].tolist() == [0, 2]
 
 
@@ -134,17 +134,17 @@ def test_gathered_update_equals_top_k_over_every_process_batch():
     labels = [p.argmax(1) for p in probs]  # all correct: confidence decides
     recorded = []
     peer = types.SimpleNamespace(num_processes=2, gather=lambda t: (recorded.append(t), torch.cat([t, t]))[1])
-    ctt.MemoryBanks(1, 3, 8, 6).update(0, feats[1], probs[1], labels[1], 3, peer, 0.0)
+    ctt.MemoryBanks(1, 3, 8, 6).update(0, feats[1], probs[1], labels[1], n_add=3, accelerator=peer, threshold=0.0)
     outputs = []
     for order in ([0, 1], [1, 0]):  # rank 0 and rank 1 see the gather in rank order
         local = list(recorded)
         acc = types.SimpleNamespace(num_processes=2, gather=lambda t, o=order, loc=local: torch.cat(
             [t, loc.pop(0)] if o == [0, 1] else [loc.pop(0), t]))
         banks = ctt.MemoryBanks(1, 3, 8, 6)
-        banks.update(0, feats[0], probs[0], labels[0], 3, acc, 0.0)
+        banks.update(0, feats[0], probs[0], labels[0], n_add=3, accelerator=acc, threshold=0.0)
         outputs.append(banks.feats.clone())
     single = ctt.MemoryBanks(1, 3, 8, 6)
-    single.update(0, torch.cat(feats), torch.cat(probs), torch.cat(labels), 3, ACC, 0.0)
+    single.update(0, torch.cat(feats), torch.cat(probs), torch.cat(labels), n_add=3, accelerator=ACC, threshold=0.0)
     assert torch.equal(outputs[0], outputs[1])
     assert torch.allclose(outputs[0], single.feats)
     assert single.size[0].tolist() == [3, 3, 3]
@@ -155,12 +155,12 @@ def test_switch_on_needs_every_queue_of_every_bank_and_stays_on():
     feature = torch.randn(1, 3, 2, 2)
     onehot = lambda lab: F.one_hot(lab, 2).permute(0, 3, 1, 2).float()  # noqa: E731
     both, only0 = torch.tensor([[[0, 1], [0, 1]]]), torch.zeros(1, 2, 2, dtype=torch.long)
-    banks.update(0, feature, onehot(both), both, 2, ACC)
-    banks.update(1, feature, onehot(only0), only0, 2, ACC)
+    banks.update(0, feature, onehot(both), both, n_add=2, accelerator=ACC)
+    banks.update(1, feature, onehot(only0), only0, n_add=2, accelerator=ACC)
     assert not banks.ready  # bank 1's class-1 queue is empty
-    banks.update(1, feature, onehot(both), both, 2, ACC)
+    banks.update(1, feature, onehot(both), both, n_add=2, accelerator=ACC)
     assert bool(banks.ready)
-    banks.update(0, feature, onehot(both), 1 - both, 2, ACC)  # nothing enters: stays on
+    banks.update(0, feature, onehot(both), 1 - both, n_add=2, accelerator=ACC)  # nothing enters: stays on
     assert bool(banks.ready)
     restored = ctt.MemoryBanks(2, 2, 2, 3)
     restored.load_state_dict(banks.state_dict())  # the checkpointed state holds the switch and the queues
@@ -263,21 +263,22 @@ def pixel_sets(gamma=0.75, hc_labeled="confident", student=0):
     [image, h, w] for one labeled image (index 0) and one unlabeled image (index 1); also the two losses."""
     n_l, b_u, dim, h, w = 1, 1, 6, 2, 4
     g = torch.Generator().manual_seed(3)
-    y4 = torch.tensor([[[0, 1, 255, 2], [2, 255, 0, 1]]])
-    valid4 = torch.tensor([[[True, True, True, True], [True, True, True, False]]])
-    conf_t4 = torch.tensor([[[0.9, 0.8, 0.5, 0.5], [0.5, 0.5, 0.6, 0.5]]])  # first two: m = 1, rest: m = 0
-    label_t4 = torch.tensor([[[1, 0, 2, 2], [0, 1, 1, 2]]])
+    gt = torch.tensor([[[0, 1, 255, 2], [2, 255, 0, 1]]])
+    valid = torch.tensor([[[True, True, True, True], [True, True, True, False]]])
+    teacher_conf = torch.tensor([[[0.9, 0.8, 0.5, 0.5], [0.5, 0.5, 0.6, 0.5]]])  # first two: m = 1, rest: m = 0
+    teacher_label = torch.tensor([[[1, 0, 2, 2], [0, 1, 1, 2]]])
     own_l = torch.tensor([[[0.9, 0.5, 0.9, 0.8], [0.7, 0.9, 0.3, 0.76]]])  # student 0 on the labeled image
     own = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [0.8, 0.9, 0.5, 0.5]]])  # student 0 on the unlabeled image
     peer = torch.tensor([[[0.9, 0.9, 0.9, 0.7], [0.9, 0.9, 0.9, 0.95]]])  # student 1 on the unlabeled image
-    conf4 = torch.stack([torch.cat([own_l, own]), torch.cat([torch.full_like(own_l, 0.99), peer])])
-    pred4 = torch.randint(0, 3, (2, b_u, h, w), generator=g)
-    peer_feats = torch.randn(2, b_u, h, w, dim, generator=g)
+    student_conf = torch.stack([torch.cat([own_l, own]), torch.cat([torch.full_like(own_l, 0.99), peer])])
+    student_pred = torch.randint(0, 3, (2, b_u, h, w), generator=g)
+    student_feats = torch.randn(2, b_u, h, w, dim, generator=g)
     banks = full_banks(2, 3, dim, classes=3)
     feat = torch.randn(n_l + b_u, dim, h, w, generator=g, requires_grad=True)
     args = make_args(gamma=gamma, hc_labeled=hc_labeled)
-    hc, lc = ctt.contrastive_losses(student, feat, n_l, y4, valid4, conf_t4, label_t4, conf4, pred4, peer_feats,
-                                    banks, args)
+    hc, lc = ctt.contrastive_losses(student, feat, n_l=n_l, gt=gt, valid=valid, teacher_conf=teacher_conf,
+                                    teacher_label=teacher_label, student_conf=student_conf, student_pred=student_pred,
+                                    student_feats=student_feats, banks=banks, args=args)
     hc_grad, = torch.autograd.grad(hc, feat, retain_graph=True)
     lc_grad, = torch.autograd.grad(lc, feat)
     return hc_grad.abs().sum(1) > 0, lc_grad.abs().sum(1) > 0, hc, lc
@@ -327,7 +328,8 @@ def test_students_learn_only_from_the_other_teacher_with_isolated_gradients():
     constant_classifier(teachers[1], 3)  # teacher B says "class 3" everywhere, confidently
     args = make_args(gamma=0.3)
     banks = full_banks()
-    results = ctt.student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, ACC)
+    results = ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=banks,
+                                 accelerator=ACC, args=args)
     assert (results[0]["target"] == 3).all() and results[0]["w"].item() == pytest.approx(1.0)
     assert not (results[1]["target"] == 3).all()  # student B's target comes from teacher A
     assert results[0]["hc"].item() > 0 and results[1]["hc"].item() > 0
@@ -344,7 +346,8 @@ def test_students_learn_only_from_the_other_teacher_with_isolated_gradients():
     with torch.no_grad():
         for p in teachers[0].parameters():
             p.add_(torch.randn_like(p))
-    again = ctt.student_losses(students, teachers, banks, x_l, y_l, unlabeled, args, ACC)
+    again = ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=banks,
+                               accelerator=ACC, args=args)
     assert torch.equal(again[0]["ct"].detach(), ct_before)
     assert not torch.equal(again[1]["ct"].detach(), results[1]["ct"].detach())
 
@@ -352,7 +355,8 @@ def test_students_learn_only_from_the_other_teacher_with_isolated_gradients():
 def test_three_pairs_learn_from_the_mean_of_the_other_teachers():
     students, teachers = make_pairs(3)
     x_l, y_l, unlabeled = make_batch()
-    results = ctt.student_losses(students, teachers, full_banks(3), x_l, y_l, unlabeled, make_args(gamma=0.3), ACC)
+    results = ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=full_banks(3),
+                                 accelerator=ACC, args=make_args(gamma=0.3))
     with torch.no_grad():
         probs = [t(unlabeled["image"]).softmax(1) for t in teachers]
     for i in range(3):
@@ -367,7 +371,8 @@ def test_probe_and_overlay_network_gives_exactly_the_targets_student_a_trains_on
     for n in (2, 3):
         students, teachers = make_pairs(n)
         x_l, y_l, unlabeled = make_batch()
-        results = ctt.student_losses(students, teachers, full_banks(n), x_l, y_l, unlabeled, make_args(), ACC)
+        results = ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=full_banks(n),
+                                     accelerator=ACC, args=make_args())
         with torch.no_grad():
             probe = ctt.CrossTeacher(teachers)(unlabeled["image"])
         assert torch.equal(probe.argmax(1), results[0]["target"])
@@ -379,7 +384,8 @@ def test_contrastive_terms_are_exactly_zero_until_the_banks_are_full():
     x_l, y_l, unlabeled = make_batch()
     banks = full_banks()
     banks.ready.fill_(False)
-    for r in ctt.student_losses(students, teachers, banks, x_l, y_l, unlabeled, make_args(gamma=0.3), ACC):
+    for r in ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=banks,
+                                accelerator=ACC, args=make_args(gamma=0.3)):
         assert r["hc"].item() == 0.0 and r["lc"].item() == 0.0 and not r["hc"].requires_grad
 
 
@@ -389,12 +395,15 @@ def test_without_hc_and_lc_no_contrastive_terms_and_no_banks():
     students, teachers = make_pairs()
     x_l, y_l, unlabeled = make_batch()
     off = make_args(gamma=0.3, lambda_hc=0.0, lambda_lc=0.0)
-    for r in ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, off, ACC):
+    for r in ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=full_banks(),
+                                accelerator=ACC, args=off):
         assert r["hc"].item() == 0.0 and r["lc"].item() == 0.0 and not r["hc"].requires_grad
     banks = ctt.MemoryBanks(2, C, 4, 8)
-    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 0, 3, off, ACC)
+    ctt.update_teachers_and_banks(0, x_l, y_l, teachers=teachers, students=students, banks=banks, n_add=3,
+                                  accelerator=ACC, args=off)
     assert banks.size.sum() == 0 and banks.candidates.sum() == 0
-    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 0, 3, make_args(), ACC)
+    ctt.update_teachers_and_banks(0, x_l, y_l, teachers=teachers, students=students, banks=banks, n_add=3,
+                                  accelerator=ACC, args=make_args())
     assert banks.size.sum() > 0 and banks.candidates.sum() > 0
 
 
@@ -404,13 +413,14 @@ def test_pseudo_label_and_strong_image_share_one_mix_mask(kind):
     x_l, y_l, unlabeled = make_batch(seed=4)
     unlabeled["valid"][:] = True
     torch.manual_seed(0)
-    results = ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, make_args(mix=kind), ACC)
-    keep = results[0]["keep"]
-    assert keep.any() and (~keep).any()
+    results = ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=full_banks(),
+                                 accelerator=ACC, args=make_args(mix=kind))
+    from_partner = results[0]["from_partner"]  # True = image i+1's pixels, as datasets.cutmix_box_mask
+    assert from_partner.any() and (~from_partner).any()
     with torch.no_grad():
         label_b = teachers[1](unlabeled["image"]).argmax(1)  # what student A learns from, before mixing
-    assert torch.equal(results[0]["target"], torch.where(keep, label_b, label_b.roll(-1, 0)))
-    assert torch.equal(results[1]["keep"], keep)  # one draw for both students
+    assert torch.equal(results[0]["target"], datasets.mix(from_partner, label_b.roll(-1, 0), label_b))
+    assert torch.equal(results[1]["from_partner"], from_partner)  # one draw for both students
 
 
 def test_classmix_pastes_floor_half_of_the_classes_and_with_one_class_the_partner():
@@ -423,23 +433,35 @@ def test_classmix_pastes_floor_half_of_the_classes_and_with_one_class_the_partne
     valid[:, -1] = False  # a padded row: every class is still present above it
     for seed in range(10):
         torch.manual_seed(seed)
-        keep = ctt.strong_mix_mask("classmix", label, valid)
+        from_partner = ctt.partner_mask("classmix", label, valid)  # True = image i+1's pixels
         for b in range(5):
-            kept = label[b][keep[b]].unique()
+            kept = label[b][~from_partner[b]].unique()
             assert len(kept) == (b + 1) // 2  # floor(n/2): 0, 1, 1, 2, 2 (ceil would be 1, 1, 2, 2, 3)
-            assert torch.equal(keep[b], torch.isin(label[b], kept) & valid[b])
+            assert torch.equal(~from_partner[b], torch.isin(label[b], kept) & valid[b])
     image = torch.randn(5, 3, h, w)
-    mixed = datasets.mix(keep, image, image.roll(-1, 0))
+    mixed = datasets.mix(from_partner, image.roll(-1, 0), image)
     assert torch.equal(mixed[0], image[1])  # one class: the partner image everywhere
+
+
+def test_partner_mask_has_the_polarity_of_cutmix_box_mask():
+    """One mask polarity in every method: True = the partner's pixels (datasets.cutmix_box_mask), used as
+    datasets.mix(mask, partner, base)."""
+    label, valid = torch.zeros(3, 8, 12, dtype=torch.long), torch.ones(3, 8, 12, dtype=torch.bool)
+    torch.manual_seed(1)
+    box = datasets.cutmix_box_mask(3, 8, 12, p=1.0, area=(0.5, 0.5))
+    torch.manual_seed(1)
+    assert torch.equal(ctt.partner_mask("cutmix", label, valid), box)
+    assert not ctt.partner_mask("none", label, valid).any()  # --mix none: every pixel its own
 
 
 def test_ct_weight_is_zero_exactly_when_no_pixel_is_confident():
     students, teachers = make_pairs()
     x_l, y_l, unlabeled = make_batch()
-    for r in ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, make_args(ct_threshold=1.01),
-                                ACC):
+    for r in ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=full_banks(),
+                                accelerator=ACC, args=make_args(ct_threshold=1.01)):
         assert r["w"].item() == 0.0 and r["ct"].item() == 0.0 and not r["w"].requires_grad
-    for r in ctt.student_losses(students, teachers, full_banks(), x_l, y_l, unlabeled, make_args(), ACC):
+    for r in ctt.student_losses(x_l, y_l, unlabeled, students=students, teachers=teachers, banks=full_banks(),
+                                accelerator=ACC, args=make_args()):
         assert 0.0 <= r["w"].item() <= 1.0
 
 
@@ -451,7 +473,8 @@ def test_ema_then_banks_from_each_pairs_own_updated_teacher():
     constant_classifier(students[1], 2)  # teacher B is wrong everywhere
     banks = ctt.MemoryBanks(2, C, 4, 8)
     args = make_args()
-    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 0, 3, args, ACC)
+    ctt.update_teachers_and_banks(0, x_l, y_l, teachers=teachers, students=students, banks=banks, n_add=3,
+                                  accelerator=ACC, args=args)
     for t, s in zip(teachers, students):  # t = 0: teacher = student
         assert all(torch.equal(a, b) for a, b in zip(t.parameters(), s.parameters()))
     assert banks.size[0].tolist() == [0, 3, 0, 0, 0] and banks.size[1].sum() == 0  # bank B unchanged
@@ -467,8 +490,10 @@ def test_ema_then_banks_from_each_pairs_own_updated_teacher():
                 p.add_(0.1)
     other = [common.frozen_copy(t) for t in teachers]
     students_b_changed = [students[0], common.build_model("resnet18", C, "none", 16, 8)]
-    ctt.update_teachers_and_banks(teachers, students, banks, x_l, y_l, 150, 3, args, ACC)
-    ctt.update_teachers_and_banks(other, students_b_changed, ctt.MemoryBanks(2, C, 4, 8), x_l, y_l, 150, 3, args, ACC)
+    ctt.update_teachers_and_banks(150, x_l, y_l, teachers=teachers, students=students, banks=banks, n_add=3,
+                                  accelerator=ACC, args=args)
+    ctt.update_teachers_and_banks(150, x_l, y_l, teachers=other, students=students_b_changed,
+                                  banks=ctt.MemoryBanks(2, C, 4, 8), n_add=3, accelerator=ACC, args=args)
     for t, o, s, t2 in zip(teachers[0].parameters(), old, students[0].parameters(), other[0].parameters()):
         assert torch.allclose(t, 0.99 * o + 0.01 * s, atol=1e-6)
         assert torch.equal(t, t2)

@@ -37,22 +37,20 @@ Passes per iteration: 1 teacher forward without grad (x_w), 2 student forward+ba
 
   accelerate launch methods/dual_teacher.py --dataset voc --data-root data/VOC2012 --split 1/8
 """
+import argparse
 import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, common, datasets
 import cli  # noqa: E402
 
 # Our defaults where they differ from the field's conventions (cli.DATASET_DEFAULTS = UniMatch's).
 PAPER_DEFAULTS = {
     "voc": {"backbone": "resnet50"},  # the paper's VOC classic table is DeepLabv3+ ResNet-50 (its Table 1)
     "cityscapes": {"ohem": True},     # UniMatch's loss (LiheYoung/UniMatch@0324f3d configs/cityscapes.yaml:12-17)
-    "camvid": {"iters_per_epoch": 400},  # ours, not the paper's: 4 shifts at the cap in 1,600 iterations (docstring)
-    "toy": {"iters_per_epoch": 100},     # ours: 3 shifts of 300, each reaching the cap (docstring)
+    "camvid": {"iters_per_epoch": 400},  # ours, not the paper's: 4 shifts at the cap in 1,600 iterations (docs)
+    "toy": {"iters_per_epoch": 100},     # ours: 3 shifts of 300, each reaching the cap (docs/methods/dual_teacher.md)
 }
 
 
@@ -104,8 +102,9 @@ def ramp_index(step: int, iters_per_epoch: int, ema_step: str) -> int:
 
 def shift_stats(step: int, iters_per_epoch: int, ema_step: str) -> tuple[float, float, float]:
     """(largest a, lag, mean lag) of the active teacher over its current shift up to the update of `step`. lag =
-    sum_j w_j (step - j) for theta_T = sum_j w_j theta_S(j) (docstring), by its recursion lag <- a (lag + g) over the
-    teacher's updates, g = steps since its previous one; a = 0 at its first update makes earlier history irrelevant."""
+    sum_j w_j (step - j) for theta_T = sum_j w_j theta_S(j) (docs/methods/dual_teacher.md#logged), by its recursion
+    lag <- a (lag + g) over the teacher's updates, g = steps since its previous one; a = 0 at its first update makes
+    earlier history irrelevant."""
     epoch = step // iters_per_epoch
     lag, previous, lags, a_max = 0.0, None, [], 0.0
     for e in range(epoch if ema_step == "epoch" else epoch % 2, epoch + 1, 2):
@@ -118,13 +117,11 @@ def shift_stats(step: int, iters_per_epoch: int, ema_step: str) -> tuple[float, 
     return a_max, lag, sum(lags) / len(lags)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# CutMix (even epochs, seg_core/augmentations.py:20-42) and ClassMix (odd epochs, :209-243)
-# ----------------------------------------------------------------------------------------------------------
 def cutmix_boxes(b: int, h: int, w: int, rng: np.random.Generator) -> torch.Tensor:
-    """bool [B,H,W], True = take the partner's pixels. One lambda ~ Beta(4,4) per batch gives one box size
-    2(a//2) x 2(b//2), a = floor(H sqrt(1-lambda)); each image draws its own centre in [H//8, H) x [W//8, W),
-    and the box is clipped to the image (so boxes near the bottom/right edges are truncated)."""
+    """CutMix of even epochs (seg_core/augmentations.py:20-42): bool [B,H,W], True = take the partner's pixels.
+    One lambda ~ Beta(4,4) per batch gives one box size 2(a//2) x 2(b//2), a = floor(H sqrt(1-lambda)); each image
+    draws its own centre in [H//8, H) x [W//8, W), and the box is clipped to the image (so boxes near the
+    bottom/right edges are truncated)."""
     lam = rng.beta(4.0, 4.0)
     a, c = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
     box = torch.zeros(b, h, w, dtype=torch.bool)
@@ -158,23 +155,23 @@ def cutmix_photometric(images, labels, rng, mean, std):
     return torch.stack(out_images), torch.stack(out_labels)
 
 
-def make_mix(kind, x_w, x_s, label, conf, rng, mean, std):
-    """The mixed batch (x~, y~, c~) of the active teacher's pseudo-labels (label, conf)."""
+def make_mix(kind, x_w, x_s, label, conf, *, rng, mean, std):
+    """The mixed batch (x~, y~, c~) of the active teacher's pseudo-labels (label, conf): CutMix in even epochs,
+    ClassMix in odd ones (seg_core/augmentations.py:209-243)."""
     b, h, w = label.shape
     if kind == "cutmix":  # on the WEAK images; the confidence stays the un-mixed image's (augmentations.py:27-31)
         perm = torch.from_numpy(rng.permutation(b)).to(label.device)  # fixed points allowed
         box = cutmix_boxes(b, h, w, rng).to(label.device)
         images, labels = cutmix_photometric(mix(box, x_w[perm], x_w), mix(box, label[perm], label), rng, mean, std)
         return images, labels, conf
-    m = classmix_mask(label, round_up=False, rng=rng)  # floor(n/2) as coded; pasted onto image perm(i)
+    # image i keeps floor(n/2) of its classes (as coded) on top of its partner, image perm(i)
+    from_partner = ~classmix_mask(label, round_up=False, rng=rng)
     perm = torch.tensor([1, 0] if b == 2 else rng.permutation(b), device=label.device)
-    # argmax/max of the mixed soft target M p_i + (1-M) p_perm(i) is the source pixel's own label/confidence
-    return mix(m, x_s, x_s[perm]), mix(m, label, label[perm]), mix(m, conf, conf[perm])
+    # argmax/max of the mixed soft target M p_perm(i) + (1-M) p_i is the source pixel's own label/confidence
+    return (mix(from_partner, x_s[perm], x_s), mix(from_partner, label[perm], label),
+            mix(from_partner, conf[perm], conf))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------------------
 def cutmix_loss(logits, label, conf):
     """seg_core/augmentations.py:146-152 (ReCo's weighting): w_i = share of pixels of image i whose 8-bit-quantised
     confidence is >= 0.95; the mean of w_i CE over the pixels with CE > 0. No pixel is masked. Returns (loss, w)."""
@@ -197,10 +194,9 @@ def consistency_loss(logits, label, conf, valid):
     return common.confident_ce(logits, label, conf, valid, THRESHOLD)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One training iteration
-# ----------------------------------------------------------------------------------------------------------
-def train_step(step, batch_l, batch_u, student, teachers, optimizer, accelerator, args, mean, std):
+def train_step(step, batch_l, batch_u, *, student, teachers, optimizer, mean, std, accelerator, args):
+    """One iteration: the active teacher labels, the epoch's mix, L = L_sup + L_mix + 0.2 L_ic, an SGD step, then
+    the EMA of the active teacher. Returns the loss terms."""
     epoch, i = divmod(step, args.iters_per_epoch)
     index, kind = active(epoch)
     teacher = teachers[index]
@@ -211,7 +207,7 @@ def train_step(step, batch_l, batch_u, student, teachers, optimizer, accelerator
     # pseudo-labels of the active teacher, before this step's EMA; train mode as coded (BN batch statistics)
     with torch.no_grad(), accelerator.autocast():
         conf, label = teacher(x_w).float().softmax(1).max(1)
-    x_mix, y_mix, c_mix = make_mix(kind, x_w, x_s, label, conf, rng, mean, std)
+    x_mix, y_mix, c_mix = make_mix(kind, x_w, x_s, label, conf, rng=rng, mean=mean, std=std)
 
     # student pass 1: labeled and mixed images in one batch (shared BN statistics, as coded)
     logits = student(torch.cat([x_l, x_mix]))
@@ -240,7 +236,8 @@ def train_step(step, batch_l, batch_u, student, teachers, optimizer, accelerator
 def build_networks(args, num_classes, device):
     """The student with drop-path (rates linear from 0 to --drop-path over the backbone blocks that have a residual
     connection) and two teachers: the same network without drop-path, initialised as copies of the student (the
-    code builds them with random heads, docstring), no gradients, plain BN (as coded; outside DDP), train mode."""
+    code builds them with random heads: docs/methods/dual_teacher.md#teacher-init), no gradients, plain BN (as
+    coded; outside DDP), train mode."""
     student = common.build_model(args.backbone, num_classes, args.pretrained, args.output_stride,
                                  args.decoder_channels, drop_path=args.drop_path)
     teachers = []
@@ -303,22 +300,22 @@ def main(argv=None):
         batch_l = to_device(next(labeled), accelerator.device)
         batch_u = to_device(next(unlabeled), accelerator.device)
         lr = common.poly_lr(optimizer, args.lr, step, total)
-        terms = train_step(step, batch_l, batch_u, student, teachers, optimizer, accelerator, args, mean_t, std_t)
-        meter.update(**terms)
+        meter.update(**train_step(step, batch_l, batch_u, student=student, teachers=teachers, optimizer=optimizer,
+                                  mean=mean_t, std=std_t, accelerator=accelerator, args=args))
         bar.update(1)
 
         done, index = step + 1, active(epoch)[0]
-        a_max, lag, lag_mean = shift_stats(step, ipe, args.ema_step) if done % ipe == 0 or done in (
-            total, args.stop_at) or done % eval_every == 0 else (None, None, None)
+        evaluate = done % eval_every == 0 or done in (total, args.stop_at)
+        a_max, lag, lag_mean = shift_stats(step, ipe, args.ema_step) if done % ipe == 0 or evaluate else (None,) * 3
         if done % ipe == 0 or done == total:
             log.info(f"end of epoch {epoch} (T{index + 1}, iteration {done}): largest a {a_max:.4f}, "
                      f"teacher lag {lag:.1f} steps (mean over the shift {lag_mean:.1f})")
-        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+        if done % args.log_every == 0 or evaluate:
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", mix_w=f"{losses['mix_weight']:.2f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
-        if done % eval_every == 0 or done == total or done == args.stop_at:
+        if evaluate:
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, student, done,
                                            final=done == total, pseudo_label_fn=pseudo_labels,  # probe: as it labels
                                            probe=(teachers[index], THRESHOLD, args.unlabeled_batch_size),

@@ -38,20 +38,19 @@ import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, common, datasets
 import cli  # noqa: E402
 
 # Values where they differ from the field's conventions (cli.DATASET_DEFAULTS): VOC = the official code's
-# (experiments/pascal/183/gta/config.yaml), Cityscapes = U2PL's Cityscapes config with GTA-Seg's caps (docstring),
-# CamVid/toy = ours.
+# (experiments/pascal/183/gta/config.yaml), Cityscapes = U2PL's Cityscapes config with GTA-Seg's caps
+# (docs/methods/gta_seg.md#recipes), CamVid/toy = ours.
 PAPER_DEFAULTS = {
     "voc": dict(output_stride=8, crop_size=[513, 513], global_batch=12, global_unlabeled_batch=12,  # 3+3 x 4 GPUs
                 lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4, epochs=80, ema_decay=0.999, ta_ema_decay=0.999),
     "cityscapes": dict(output_stride=8, crop_size=[769, 769], global_batch=16, global_unlabeled_batch=16,
                        lr=0.01, head_lr_mult=1.0, weight_decay=5e-4, epochs=200, ema_decay=0.999,
                        ta_ema_decay=0.999),  # x1 head: train_gta.py:100
-    "camvid": dict(ema_decay=0.99, ta_ema_decay=0.99),  # ours, not the paper's: short CPU schedules (docstring)
+    "camvid": dict(ema_decay=0.99, ta_ema_decay=0.99),  # ours, not the paper's: short CPU schedules (docs)
     "toy": dict(ema_decay=0.99, ta_ema_decay=0.99),     # ours
 }
 
@@ -96,9 +95,6 @@ def is_mask_predictor(name: str) -> bool:
     return name.startswith(MASK_PREDICTOR)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The pieces of one iteration
-# ----------------------------------------------------------------------------------------------------------
 def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     """np.percentile(values, 100 q) with linear interpolation, on the device (no host copy, no size limit)."""
     position = (values.numel() - 1) * q
@@ -162,22 +158,22 @@ def share_storage(target, source, only=None) -> None:
             p.data = src[n].data
 
 
-def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_student, opt_assistant, args,
-                    accelerator, rng):
-    """One iteration (the docstring's steps 1-8). student/assistant may be DDP-wrapped; teacher is a plain frozen
-    module. Returns the detached loss terms and the student's lr."""
+def train_step(step, batch_l, batch_u, *, student, assistant, teacher, opt_student, opt_assistant, rng, accelerator,
+               args):
+    """One iteration (the docstring's steps 1-8), the student's lr set first (poly; A keeps its base lr).
+    student/assistant may be DDP-wrapped; teacher is a plain frozen module. Returns the detached loss terms."""
     S, A, T = accelerator.unwrap_model(student), accelerator.unwrap_model(assistant), teacher
     t = step - args.iters_per_epoch  # semi-supervised step; the first epoch is supervised only (train_gta.py:301)
-    lr = common.poly_lr(opt_student, args.lr, step, args.total_iters)  # student only: A keeps its base lr (docstring)
+    common.poly_lr(opt_student, args.lr, step, args.total_iters)  # the student only: A keeps its base lr
     x_l, y_l = batch_l["image"], batch_l["mask"]
     if t < 0:  # warm-up epoch: L_sup on the student alone (train_gta.py:301-314)
         loss_sup = F.cross_entropy(student(x_l), y_l, ignore_index=common.IGNORE_INDEX)
         accelerator.backward(loss_sup)
         opt_student.step()
         opt_student.zero_grad(set_to_none=True)
-        return {"loss_sup": loss_sup.detach()}, lr
+        return {"loss_sup": loss_sup.detach()}
 
-    if t == 0:  # the three networks first agree here (parameters and, our choice, BN buffers; docstring)
+    if t == 0:  # the three networks first agree here (parameters and BN buffers: docs/methods/gta_seg.md#start)
         T.load_state_dict(S.state_dict())
         A.load_state_dict(S.state_dict())
     if args.official_code and t < args.iters_per_epoch:  # the code's first semi epoch re-aliases every step
@@ -214,12 +210,9 @@ def train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_stu
 
     # Teacher: EMA of the whole student (train_gta.py:454-472).
     ema_(T, S, common.ema_decay(t, args.ema_decay), rebind=args.official_code)
-    return {"loss_sup": loss_sup.detach(), "loss_u": loss_u.detach()}, lr
+    return {"loss_sup": loss_sup.detach(), "loss_u": loss_u.detach()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run
-# ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
     accelerator, log = common.setup(args)
@@ -271,18 +264,20 @@ def main(argv=None):
                 unlabeled = data.unlabeled_stream(step)
             batch_u = to_device(next(unlabeled), accelerator.device)
         rng = np.random.default_rng([args.seed, 77, step, accelerator.process_index])  # CutMix draws
-        losses, lr = train_iteration(step, batch_l, batch_u, student, assistant, teacher, opt_student,
-                                     opt_assistant, args, accelerator, rng)
-        meter.update(**losses)
+        meter.update(**train_step(step, batch_l, batch_u, student=student, assistant=assistant, teacher=teacher,
+                                  opt_student=opt_student, opt_assistant=opt_assistant, rng=rng,
+                                  accelerator=accelerator, args=args))
         bar.update(1)
 
         done = step + 1
-        if done % args.log_every == 0 or done % eval_every == 0 or done in (warmup, total, args.stop_at):
+        evaluate = done % eval_every == 0 or done in (total, args.stop_at)
+        if done % args.log_every == 0 or evaluate or done == warmup:
             losses = meter.read(accelerator, done, args.out)
+            lr = opt_student.param_groups[0]["lr"]  # poly, set by train_step
             bar.set_postfix(lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in losses.items()})
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
-        if done % eval_every == 0 or done == total or done == args.stop_at:
+        if evaluate:
             semi = done > warmup  # the student is evaluated in the warm-up epoch, the teacher after (:219-222)
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher if semi else student, done,
                                            final=done == total,

@@ -27,13 +27,11 @@ Deviations from the two sources, one line each (the reasons, with their sources:
 
   accelerate launch methods/mean_teacher.py --dataset voc --data-root data/VOC2012 --split 1/8
 """
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, common, datasets
 import cli  # noqa: E402
 
 # Where the control differs from the field's conventions (cli.DATASET_DEFAULTS): tau from UniMatch's configs
@@ -118,7 +116,7 @@ def freeze_bn(module: nn.Module) -> None:
 _FROZEN: dict = {}  # BatchNorm class -> its frozen-statistics subclass
 
 
-def train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator, args):
+def train_step(step, batch_l, batch_u, *, student, teacher, optimizer, accelerator, args):
     """One iteration: teacher labels on the weak view, CutMix on the strong view, L = L_sup + lambda_u L_u, an
     SGD step, then the EMA. Returns the detached loss terms."""
     x_l, y_l = batch_l["image"], batch_l["mask"]
@@ -184,16 +182,18 @@ def main(argv=None):
         batch_l = to_device(next(labeled), accelerator.device)
         batch_u = to_device(next(unlabeled), accelerator.device)
         lr = common.poly_lr(optimizer, args.lr, step, total)
-        meter.update(**train_step(step, batch_l, batch_u, student, teacher, optimizer, accelerator, args))
+        meter.update(**train_step(step, batch_l, batch_u, student=student, teacher=teacher, optimizer=optimizer,
+                                  accelerator=accelerator, args=args))
         bar.update(1)
 
         done = step + 1
-        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+        evaluate = done % eval_every == 0 or done in (total, args.stop_at)
+        if done % args.log_every == 0 or evaluate:
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", passed=f"{losses['passed']:.2f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
-        if done % eval_every == 0 or done == total or done == args.stop_at:
+        if evaluate:
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher, done,
                                            final=done == total,
                                            extra_models={"student": student}, pseudo_label_fn=pseudo_labels,

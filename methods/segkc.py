@@ -35,13 +35,11 @@ Cost per iteration: 2 forwards without gradient (S, J on u), 4 forward+backward 
   python methods/segkc.py --dataset camvid              (offline)
   accelerate launch methods/segkc.py --dataset voc --data-root data/VOC2012 --split 1/8
 """
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, common, datasets
 import cli  # noqa: E402
 
 # VOC/Cityscapes: CPS+CutMix's values (TSS V/config.py:73-108, C/config.py:78-115, script.sh; choice 7) but the
@@ -103,9 +101,6 @@ from datasets import build_data, cutmix_box_mask, mix, to_device  # noqa: E402
 IGNORE = common.IGNORE_INDEX
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Loss terms (the equations of the docstring). Targets are detached inside each function.
-# ------------------------------------------------------------------------------------------------------------
 def hard_pseudo_labels(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """CPS pseudo-label: argmax (hard, no threshold, no gradient); padded pixels become ignore."""
     return logits.detach().argmax(1).masked_fill(~valid, IGNORE)
@@ -157,9 +152,9 @@ def kc_weights(args) -> dict:
             "pred_s2j": args.kc_pred_s2j, "pred_j2s": args.kc_pred_j2s}
 
 
-def iteration_losses(args, senior, junior, adapter_s, adapter_j, x, y, u, valid, box):
-    """Every loss term of one iteration. adapter_X is None when its direction's weight is 0.
-    Returns (terms, info); total = sum_k weight_k * terms[k]."""
+def iteration_losses(x, y, u, valid, box, *, senior, junior, adapter_s, adapter_j, args):
+    """Every loss term of one iteration (the docstring's equations; targets are detached inside each loss).
+    adapter_X is None when its direction's weight is 0. Returns (terms, info); total = sum_k weight_k * terms[k]."""
     w = kc_weights(args)
     with torch.no_grad():  # one pass per network on the unmixed batch (choice 3): the CPS pseudo-labels
         pseudo_s, pseudo_j = hard_pseudo_labels(senior(u), valid), hard_pseudo_labels(junior(u), valid)
@@ -199,9 +194,20 @@ def total_loss(terms: dict, args) -> torch.Tensor:
     return sum(w[k] * v for k, v in terms.items())
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Networks
-# ------------------------------------------------------------------------------------------------------------
+def train_step(batch_l, batch_u, *, senior, junior, adapter_s, adapter_j, optimizer, accelerator, args):
+    """One iteration: a CutMix box per image (choice 2a), every loss term, one SGD step on both networks and the
+    adapters. Returns the loss terms (with --selective also the shares where each network consults)."""
+    u, valid = batch_u["image"], batch_u["valid"]
+    box = cutmix_box_mask(u.shape[0], u.shape[2], u.shape[3], p=1.0, device=u.device)  # choice 2a
+    terms, info = iteration_losses(batch_l["image"], batch_l["mask"], u, valid, box, senior=senior, junior=junior,
+                                   adapter_s=adapter_s, adapter_j=adapter_j, args=args)
+    loss = total_loss(terms, args)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss, **{f"loss_{k}": v for k, v in terms.items()}, **info)
+
+
 class Senior(nn.Module):
     """The senior network fed in its own input normalisation (choice 8). Batches are normalised for the
     junior; x_S = (x_J * std_J + mean_J - mean_S) / std_S is a fixed per-channel affine map (identity when
@@ -289,27 +295,21 @@ def main(argv=None):
     for m in (senior, junior, *[a for a in (adapter_s, adapter_j) if a is not None]):
         m.train()
     for step in range(start, total):
-        lab = to_device(next(labeled), accelerator.device)
-        unl = to_device(next(unlabeled), accelerator.device)
+        batch_l = to_device(next(labeled), accelerator.device)
+        batch_u = to_device(next(unlabeled), accelerator.device)
         lr = common.poly_lr(optimizer, args.lr, step, total)
-        u, valid = unl["image"], unl["valid"]
-        box = cutmix_box_mask(u.shape[0], u.shape[2], u.shape[3], p=1.0, device=u.device)  # choice 2a
-        terms, info = iteration_losses(args, senior, junior, adapter_s, adapter_j, lab["image"], lab["mask"],
-                                       u, valid, box)
-        loss = total_loss(terms, args)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        meter.update(loss=loss, **{f"loss_{k}": v for k, v in terms.items()}, **info)
+        meter.update(**train_step(batch_l, batch_u, senior=senior, junior=junior, adapter_s=adapter_s,
+                                  adapter_j=adapter_j, optimizer=optimizer, accelerator=accelerator, args=args))
         bar.update(1)
 
         done = step + 1
-        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+        evaluate = done % eval_every == 0 or done in (total, args.stop_at)
+        if done % args.log_every == 0 or evaluate:
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", cps=f"{losses['loss_cps']:.3f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
-        if done % eval_every == 0 or done == total or done == args.stop_at:
+        if evaluate:
             # probe: the senior's pseudo-labels (what the junior learns from) as it makes them, in train mode on
             # batches of the unlabeled batch size; CPS keeps every pixel (threshold 0)
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, junior, done,

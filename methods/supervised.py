@@ -14,13 +14,11 @@ Deviations from UniMatch's supervised.py, one line each (the reasons: docs/metho
 
   accelerate launch methods/supervised.py --dataset voc --data-root data/VOC2012 --split 1/8
 """
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: cli, common, datasets
 import cli  # noqa: E402
 
 # The baseline uses the field's conventions (cli.DATASET_DEFAULTS) unchanged; only its loss differs per
@@ -44,6 +42,19 @@ import common  # noqa: E402
 from datasets import build_data, to_device  # noqa: E402
 
 
+def train_step(batch_l, *, model, optimizer, accelerator, args):
+    """One iteration: L_sup on the labeled batch, then an SGD step. Returns the detached loss."""
+    logits = model(batch_l["image"])
+    if args.ohem:
+        loss_sup = common.ohem_cross_entropy(logits, batch_l["mask"])
+    else:
+        loss_sup = F.cross_entropy(logits, batch_l["mask"], ignore_index=common.IGNORE_INDEX)
+    accelerator.backward(loss_sup)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss_sup=loss_sup)
+
+
 def main(argv=None):
     args = parse_args(argv)
     accelerator, log = common.setup(args)
@@ -54,9 +65,8 @@ def main(argv=None):
     log.info(f"{len(data.labeled)} labeled images ({args.split}), {len(data.val_set)} val; {total} iterations")
 
     # --- network and optimiser -------------------------------------------------------------------------
-    model = common.build_model(args.backbone, data.num_classes, args.pretrained, args.output_stride,
-                               args.decoder_channels)
-    model = common.prepare_network(model, accelerator)
+    model = common.prepare_network(common.build_model(args.backbone, data.num_classes, args.pretrained,
+                                                      args.output_stride, args.decoder_channels), accelerator)
     optimizer = common.sgd(common.param_groups(model, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = common.TrainState()
@@ -68,26 +78,19 @@ def main(argv=None):
     meter, bar = common.LossMeter(), common.progress_bar(accelerator, total, start)
     model.train()
     for step in range(start, total):
-        batch = to_device(next(labeled), accelerator.device)
+        batch_l = to_device(next(labeled), accelerator.device)
         lr = common.poly_lr(optimizer, args.lr, step, total)
-        logits = model(batch["image"])
-        if args.ohem:
-            loss_sup = common.ohem_cross_entropy(logits, batch["mask"])
-        else:
-            loss_sup = F.cross_entropy(logits, batch["mask"], ignore_index=common.IGNORE_INDEX)
-        accelerator.backward(loss_sup)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        meter.update(loss_sup=loss_sup)
+        meter.update(**train_step(batch_l, model=model, optimizer=optimizer, accelerator=accelerator, args=args))
         bar.update(1)
 
         done = step + 1
-        if done % args.log_every == 0 or done % eval_every == 0 or done in (total, args.stop_at):
+        evaluate = done % eval_every == 0 or done in (total, args.stop_at)
+        if done % args.log_every == 0 or evaluate:
             losses = meter.read(accelerator, done, args.out)
             bar.set_postfix(loss=f"{losses['loss_sup']:.3f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
-        if done % eval_every == 0 or done == total or done == args.stop_at:
+        if evaluate:
             # probe: the baseline's own predictions under the usual 0.95 rule, the yardstick for the methods
             common.evaluate_and_checkpoint(accelerator, args, state, log, data, model, done,
                                            final=done == total, probe=(model, 0.95))

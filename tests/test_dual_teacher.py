@@ -54,7 +54,8 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.2
 
 def step(i, args, student, teachers, optimizer, accelerator, seed=None):
     bl, bu = batches(i if seed is None else seed)
-    return dt.train_step(i, bl, bu, student, teachers, optimizer, accelerator, args, MEAN, STD)
+    return dt.train_step(i, bl, bu, student=student, teachers=teachers, optimizer=optimizer, mean=MEAN, std=STD,
+                         accelerator=accelerator, args=args)
 
 
 def params(m):
@@ -198,7 +199,8 @@ def test_inputs_targets_and_total_loss(accelerator, monkeypatch):
         monkeypatch.setattr(dt, "cutmix_loss", lambda logits, label, conf: (logits.sum() * 0 + 3.0, conf.mean()))
         total = []
         monkeypatch.setattr(accelerator, "backward", lambda loss: (total.append(loss.detach()), loss.backward()))
-        terms = dt.train_step(0, bl, bu, student, teachers, optimizer, accelerator, args, MEAN, STD)
+        terms = dt.train_step(0, bl, bu, student=student, teachers=teachers, optimizer=optimizer, mean=MEAN, std=STD,
+                              accelerator=accelerator, args=args)
         assert torch.allclose(total[0], terms["loss_sup"] + 3.0 + 0.2 * 5.0)
         assert torch.equal(teachers[0].inputs[0], bu["image"]) and not teachers[1].inputs
         assert len(student.inputs) == 2 and torch.equal(student.inputs[1], bu["image_strong"])
@@ -284,7 +286,8 @@ def test_cutmix_moves_image_and_label_together_confidence_unmixed(monkeypatch):
     label = torch.arange(b)[:, None, None].expand(b, 32, 32).clone()
     conf = torch.rand(b, 32, 32)
     for seed in range(5):
-        x, y, c = dt.make_mix("cutmix", x_w, x_w + 100, label, conf, np.random.default_rng(seed), MEAN, STD)
+        x, y, c = dt.make_mix("cutmix", x_w, x_w + 100, label, conf, rng=np.random.default_rng(seed), mean=MEAN,
+                              std=STD)
         assert c is conf  # the weight uses the un-mixed confidence (as coded)
         assert torch.equal(x[:, 0], y.float()) and torch.equal(x[:, 2], y.float())  # from the weak view, same source
         partners = []
@@ -346,7 +349,7 @@ def test_classmix_uses_strong_view_and_source_labels():
         label = (torch.arange(64).view(8, 8) % 4)[None].repeat(b, 1, 1)
         label[0] = 1  # a single class: its mask is empty
         conf = torch.rand(b, 8, 8)
-        x, y, c = dt.make_mix("classmix", x_s * 0, x_s, label, conf, np.random.default_rng(3), MEAN, STD)
+        x, y, c = dt.make_mix("classmix", x_s * 0, x_s, label, conf, rng=np.random.default_rng(3), mean=MEAN, std=STD)
         src = (x[:, 0] - 10).long()  # which image each pixel came from (x_w would give negatives)
         assert (src >= 0).all()
         pix = torch.arange(64).view(8, 8)

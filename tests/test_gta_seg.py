@@ -193,8 +193,9 @@ def batches(step):
 
 def run_step(run, step, accelerator):
     batch_l, batch_u = batches(step)
-    return gta_seg.train_iteration(step, batch_l, batch_u, run.S, run.A, run.T, run.opt_s, run.opt_a, run.args,
-                                   accelerator, np.random.default_rng(step))
+    return gta_seg.train_step(step, batch_l, batch_u, student=run.S, assistant=run.A, teacher=run.T,
+                              opt_student=run.opt_s, opt_assistant=run.opt_a, rng=np.random.default_rng(step),
+                              accelerator=accelerator, args=run.args)
 
 
 def params(model, pred=lambda n: True):
@@ -213,8 +214,8 @@ def test_warmup_trains_only_the_student(accelerator):
     run = make_run(False)
     s0, a0, t0, tb0 = params(run.S), params(run.A), params(run.T), buffers(run.T)
     batch_l, _ = batches(0)
-    gta_seg.train_iteration(0, batch_l, None, run.S, run.A, run.T, run.opt_s, run.opt_a, run.args, accelerator,
-                            np.random.default_rng(0))
+    gta_seg.train_step(0, batch_l, None, student=run.S, assistant=run.A, teacher=run.T, opt_student=run.opt_s,
+                       opt_assistant=run.opt_a, rng=np.random.default_rng(0), accelerator=accelerator, args=run.args)
     assert all(not torch.equal(s0[n], p) for n, p in run.S.named_parameters() if n.endswith("weight")
                and "bn" not in n and p.dim() > 1)
     assert all(torch.equal(a0[n], p) for n, p in run.A.named_parameters())

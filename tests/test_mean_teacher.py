@@ -77,7 +77,7 @@ def test_cutmix_mixes_image_label_confidence_and_padding_alike(accelerator, monk
         confidence, label = teacher(bu["image"]).softmax(1).max(1)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
-    mt.train_step(5, bl, bu, student, teacher, optimizer, accelerator, args)
+    mt.train_step(5, bl, bu, student=student, teacher=teacher, optimizer=optimizer, accelerator=accelerator, args=args)
     assert torch.equal(teacher.inputs[-1], bu["image"])
     assert torch.equal(student.inputs[0], bl["image"])  # two forwards: labeled, then mixed
     x_mix = student.inputs[1]
@@ -99,7 +99,9 @@ def test_labeled_batch_has_its_own_bn_statistics_unless_joint_forward(accelerato
     for unlabeled in (bu, other):
         student, teacher = Recorder(0), Recorder(1).eval()
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        sups.append(mt.train_step(5, bl, unlabeled, student, teacher, optimizer, accelerator, args)["loss_sup"])
+        terms = mt.train_step(5, bl, unlabeled, student=student, teacher=teacher, optimizer=optimizer,
+                              accelerator=accelerator, args=args)
+        sups.append(terms["loss_sup"])
         assert len(student.inputs) == (1 if joint else 2)
     assert torch.equal(sups[0], sups[1]) != joint
 
@@ -111,11 +113,12 @@ def test_teacher_is_the_ema_of_parameters_and_bn_statistics(accelerator):
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     args = SimpleNamespace(ohem=False, threshold=0.0, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
     bl, bu = batches()
-    terms = mt.train_step(0, bl, bu, student, teacher, optimizer, accelerator, args)
+    terms = mt.train_step(0, bl, bu, student=student, teacher=teacher, optimizer=optimizer, accelerator=accelerator,
+                          args=args)
     for (name, t), s in zip(teacher.state_dict().items(), student.state_dict().values()):
         assert torch.equal(t, s), name
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    mt.train_step(1, bl, bu, student, teacher, optimizer, accelerator, args)
+    mt.train_step(1, bl, bu, student=student, teacher=teacher, optimizer=optimizer, accelerator=accelerator, args=args)
     after = student.state_dict()
     for name, t in teacher.state_dict().items():
         if t.is_floating_point():
@@ -128,8 +131,8 @@ def test_threshold_above_one_leaves_the_supervised_loss(accelerator):
     student, teacher = Recorder(0), Recorder(1).eval()
     args = SimpleNamespace(ohem=False, threshold=1.0 + 1e-6, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
     bl, bu = batches()
-    terms = mt.train_step(3, bl, bu, student, teacher, torch.optim.SGD(student.parameters(), lr=0.1),
-                          accelerator, args)
+    terms = mt.train_step(3, bl, bu, student=student, teacher=teacher,
+                          optimizer=torch.optim.SGD(student.parameters(), lr=0.1), accelerator=accelerator, args=args)
     assert terms["loss_u"] == 0 and terms["passed"] == 0 and torch.equal(terms["loss"], terms["loss_sup"])
 
 

@@ -160,7 +160,8 @@ def test_selective_gate_zero_where_consulted_is_not_more_confident():
 def test_gradients_reach_only_the_consulting_side():
     args = make_args()
     senior, junior, a_s, a_j = networks(args)
-    terms, _ = segkc.iteration_losses(args, senior, junior, a_s, a_j, *tiny_batch())
+    terms, _ = segkc.iteration_losses(*tiny_batch(), senior=senior, junior=junior, adapter_s=a_s, adapter_j=a_j,
+                                      args=args)
     assert set(terms) == {"sup", "cps", "feat_s2j", "feat_j2s", "pred_s2j", "pred_j2s"}
     expect = {  # term: (senior, junior, adapter_s, adapter_j)
         "sup": (True, True, False, False), "cps": (True, True, False, False),
@@ -180,7 +181,8 @@ def test_switching_a_direction_off():
         args = make_args(kc_feat_j2s=0.0 if off else 1.0, kc_pred_j2s=0.0 if off else 1.0)
         senior, junior, a_s, a_j = networks(args)
         assert (a_s is None) == off and a_j is not None
-        terms, _ = segkc.iteration_losses(args, senior, junior, a_s, a_j, x, y, u, valid, box)
+        terms, _ = segkc.iteration_losses(x, y, u, valid, box, senior=senior, junior=junior, adapter_s=a_s,
+                                          adapter_j=a_j, args=args)
         assert ("feat_j2s" in terms) != off and ("pred_j2s" in terms) != off
         params = list(senior.parameters())
         g_total = torch.autograd.grad(segkc.total_loss(terms, args), params, retain_graph=True, allow_unused=True)
@@ -198,7 +200,8 @@ def test_no_grad_passes_once_per_network_and_no_ema():
     for name, net in (("senior", senior), ("junior", junior)):
         net.register_forward_pre_hook(lambda m, inp, name=name: calls[name].append(torch.is_grad_enabled()))
     before = {k: v.clone() for m in (senior, junior, a_s, a_j) for k, v in m.named_parameters(prefix=str(id(m)))}
-    terms, _ = segkc.iteration_losses(args, senior, junior, a_s, a_j, *tiny_batch())
+    terms, _ = segkc.iteration_losses(*tiny_batch(), senior=senior, junior=junior, adapter_s=a_s, adapter_j=a_j,
+                                      args=args)
     segkc.total_loss(terms, args).backward()
     assert calls == {"senior": [False, True, True], "junior": [False, True, True]}
     after = {k: v for m in (senior, junior, a_s, a_j) for k, v in m.named_parameters(prefix=str(id(m)))}

@@ -76,7 +76,8 @@ def test_cutmix_mixes_image_label_confidence_and_padding_alike(accelerator, monk
     with torch.no_grad():
         confidence, label = teacher(bu["image"]).softmax(1).max(1)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
+    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99, joint_forward=False,
+                           cutmix_box="unimatch")
     mt.train_step(5, bl, bu, student=student, teacher=teacher, optimizer=optimizer, accelerator=accelerator, args=args)
     assert torch.equal(teacher.inputs[-1], bu["image"])
     assert torch.equal(student.inputs[0], bl["image"])  # two forwards: labeled, then mixed
@@ -92,7 +93,8 @@ def test_cutmix_mixes_image_label_confidence_and_padding_alike(accelerator, monk
 def test_labeled_batch_has_its_own_bn_statistics_unless_joint_forward(accelerator, joint):
     """Default (French et al.): the labeled batch is normalised by its own BN statistics, so L_sup does not depend
     on the unlabeled images. --joint-forward: one forward on [labeled; mixed], BN over both, so it does."""
-    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99, joint_forward=joint)
+    args = SimpleNamespace(ohem=False, threshold=0.95, lambda_u=1.0, ema_decay=0.99, joint_forward=joint,
+                           cutmix_box="unimatch")
     bl, bu = batches()
     other = dict(bu, image_strong=bu["image_strong"] * 3 + 1)  # another strong view: other BN statistics
     sups = []
@@ -111,7 +113,8 @@ def test_teacher_is_the_ema_of_parameters_and_bn_statistics(accelerator):
     the two. The student's gradient never reaches the teacher."""
     student, teacher = Recorder(0), Recorder(1).eval()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    args = SimpleNamespace(ohem=False, threshold=0.0, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
+    args = SimpleNamespace(ohem=False, threshold=0.0, lambda_u=1.0, ema_decay=0.99, joint_forward=False,
+                           cutmix_box="unimatch")
     bl, bu = batches()
     terms = mt.train_step(0, bl, bu, student=student, teacher=teacher, optimizer=optimizer, accelerator=accelerator,
                           args=args)
@@ -129,7 +132,8 @@ def test_teacher_is_the_ema_of_parameters_and_bn_statistics(accelerator):
 
 def test_threshold_above_one_leaves_the_supervised_loss(accelerator):
     student, teacher = Recorder(0), Recorder(1).eval()
-    args = SimpleNamespace(ohem=False, threshold=1.0 + 1e-6, lambda_u=1.0, ema_decay=0.99, joint_forward=False)
+    args = SimpleNamespace(ohem=False, threshold=1.0 + 1e-6, lambda_u=1.0, ema_decay=0.99, joint_forward=False,
+                           cutmix_box="unimatch")
     bl, bu = batches()
     terms = mt.train_step(3, bl, bu, student=student, teacher=teacher,
                           optimizer=torch.optim.SGD(student.parameters(), lr=0.1), accelerator=accelerator, args=args)

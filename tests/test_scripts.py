@@ -144,7 +144,7 @@ def test_every_diagnostic_key_is_logged_by_some_method():
                       ("ctt.py", "dual_teacher.py", "gta_seg.py", "segkc.py", "mean_teacher.py"))
     sources += (ROOT / "common.py").read_text()
     for key in camvid_table.DIAGNOSTICS:  # miou_<x>: an extra model named x; CTT names its students by letter
-        name = re.sub(r"_[A-H]$", "_{names[i]}", key[len("miou_"):] if key.startswith("miou_") else key)
+        name = re.sub(r"_[A-H]$", "_{PAIR_NAMES[i]}", key[len("miou_"):] if key.startswith("miou_") else key)
         assert f'"{name}"' in sources, key
 
 

@@ -214,7 +214,11 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
                    help="also log losses, lr, every mIoU and the overlays to an Accelerate tracker (pip install -r "
                         "requirements-extra.txt; wandb offline: WANDB_MODE=offline)")
     p.add_argument("--overwrite", action="store_true",
-                   help="start over in a run folder that holds a run (deletes its checkpoints, weights and logs)")
+                   help="start over in a run folder that holds a run of this project (deletes its checkpoints, "
+                        "weights and logs, nothing else)")
+    p.add_argument("--allow-code-change", action="store_true",
+                   help="continue a run (--resume) with code other than the commit it last ran under (args.json "
+                        "lists them): the continuation may not be what one run of either code would give")
     p.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
                    help="decode every image and mask before training (each file once; remembered in "
                         "~/.cache/semiseg-ref) and check their sizes and the mask values")

@@ -339,14 +339,22 @@ def load_backbone_weights(net: nn.Module, backbone: str, pretrained: str, flag: 
     """Load `pretrained` into the bare backbone `net` strictly: every tensor of `net` from the file with its
     shape, nothing else in the file but a classification head; else exit with one line."""
     source = weights_file(backbone, pretrained, flag)
-    state = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:
+        sys.exit(f"{flag} {pretrained}: {source} is not readable as plain weights with torch.load(weights_only=True) "
+                 f"(expected a state dict of tensors): {' '.join(str(error).split())[:300]}")
+    if isinstance(state, dict) and pretrained != "imagenet":
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        sys.exit(f"{flag} {pretrained}: {source} holds a {type(state).__name__}, expected a state dict (names to "
+                 f"tensors, or one under 'state_dict' or 'model')")
     if pretrained == "imagenet" and backbone in LITE_WEIGHTS:
         state = {_lite_key(k): v for k, v in state.items() if _lite_key(k) is not None}
         allowed_unused, fix = set(), f"pip install --force-reinstall -r requirements.txt, or use {flag} none"
     elif pretrained == "imagenet":
         allowed_unused, fix = {"fc.weight", "fc.bias"}, f"delete the file to download it again, or use {flag} none"
     else:
-        state = state.get("state_dict", state.get("model", state))
         for prefix in ("module.", "backbone."):
             state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
         allowed_unused = {k for k in state if k.startswith("fc.") or k.startswith("_fc")}
@@ -564,9 +572,11 @@ def setup(args: argparse.Namespace):
         args.unlabeled_batch_size = args.batch_size or max(1, args.global_unlabeled_batch // world)
     if args.batch_size is None:  # keep the paper's global batch whatever the number of processes
         args.batch_size = max(1, args.global_batch // world)
+    args.num_processes = world  # part of the arguments: another count changes the global batch and the streams
     out = Path(args.out)
-    claim_run_folder(args, out, accelerator.is_main_process)  # every process checks; only the main one writes
+    claim_run_folder(args, out, accelerator)
     accelerator.wait_for_everyone()
+    _stop_in_one_line_on_signals(out, accelerator.is_main_process)
     if args.log_with:
         accelerator.init_trackers(args.method, config={k: str(v) for k, v in vars(args).items()},
                                   init_kwargs={"wandb": {"dir": str(out)}})  # wandb's files in the run folder
@@ -579,26 +589,56 @@ def setup(args: argparse.Namespace):
     return accelerator, log
 
 
+def _stop_in_one_line_on_signals(out: Path, is_main: bool) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM end the run with one line saying where it can be continued from, instead of
+    a KeyboardInterrupt traceback; the exit status is the shell's 128 + signal number."""
+    import signal
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:  # a loader worker forked from this process: the main process speaks
+            raise KeyboardInterrupt
+        if is_main:
+            from tqdm import tqdm
+            for bar in list(getattr(tqdm, "_instances", [])):
+                bar.close()  # the bar ends its line first, so the message has one of its own
+            folder = checkpoint_dir(out)
+            saved = folder.is_dir() or folder.with_name("last.old").is_dir() or (folder.with_name("last.tmp")
+                                                                                / COMPLETE).is_file()
+            print(f"stopped by {signal.Signals(signum).name}: " + (
+                f"continue the run from its last checkpoint ({folder}) with the same command (--resume auto)"
+                if saved else "no checkpoint was written yet; the same command starts the run over"),
+                file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
 # Flags that change how a run is driven, never what it computes: they may differ when a run is continued.
 RUN_CONTROL_FLAGS = {"out", "resume", "stop_at", "overwrite", "num_workers", "log_every", "num_overlays", "log_with",
-                     "cache_images", "check_data", "eval_test"}
-PROVENANCE_KEYS = {"git_commit", "versions"}
+                     "cache_images", "check_data", "eval_test", "allow_code_change"}
+PROVENANCE_KEYS = {"git_commit", "git_commits", "versions"}
+LOCK_FILE = "run.lock"  # flock-ed by the main process for the run's life: one run per folder at a time
 RUN_FILES = ["checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl", "train.jsonl", "overlays", "log.txt",
-             "args.json"]
+             "args.json", LOCK_FILE]
 
 
 def provenance() -> dict:
-    """The code and packages a run used, recorded in args.json (never compared on resume)."""
+    """The code and packages a run used, recorded in args.json: `git_commits` lists every commit the run ran
+    under (uncommitted changes to the Python files a run uses, those outside tests/, named by a hash of their
+    diff: an edit between two resumes is seen too)."""
+    import hashlib
     import platform
     import subprocess
     from importlib import metadata
+
+    def git(*arguments):
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *arguments], capture_output=True,
+                              text=True, timeout=30).stdout
     try:
-        root = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        commit += " (with uncommitted changes)" if dirty and commit != "unknown" else ""
+        commit, diff = git("rev-parse", "HEAD").strip() or "unknown", git("diff", "HEAD", "--", "*.py", ":!tests")
+        if diff and commit != "unknown":
+            commit += f" (with uncommitted changes {hashlib.sha256(diff.encode()).hexdigest()[:12]})"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     versions = {"python": platform.python_version()}
@@ -607,7 +647,7 @@ def provenance() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    return {"git_commit": commit, "versions": versions}
+    return {"git_commits": [commit], "versions": versions}
 
 
 def run_in_folder(out: Path) -> bool:
@@ -627,51 +667,154 @@ def changed_args(current: dict, saved: dict, ignore=frozenset()) -> list[str]:
     return sorted(k for k in keys if current.get(k, ABSENT) != saved.get(k, ABSENT))
 
 
-def claim_run_folder(args: argparse.Namespace, out: Path, is_main: bool) -> None:
-    """A run folder belongs to one set of arguments. A used folder is continued only with the same arguments
-    (RUN_CONTROL_FLAGS aside), started over only with --overwrite, and never silently replaced; a folder this
-    command creates is removed again if the run stops before writing anything but its arguments and log."""
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file, flushed to disk, renamed over `path`: a reader, a kill or a power loss
+    sees the old or the new text, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _saved_args(folder: Path) -> dict | None:
+    try:
+        saved = json.loads((folder / "args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _same_run(current: dict, folder: Path, refused: str, fix: str) -> list[str]:
+    """Exit in one line unless the run in `folder` was made with `current`'s arguments (the process count
+    included) by the same code (or --allow-code-change); returns the commits it ran under."""
+    saved = _saved_args(folder)
+    if saved is None:
+        sys.exit(f"{refused} without a readable args.json (a JSON object of its arguments); {fix}")
+    differ = changed_args(current, saved)
+    if differ:
+        change = ", ".join(("processes (accelerate launch --num_processes)" if k == "num_processes" else
+                            f"--{k.replace('_', '-')}") + f" {saved.get(k, ABSENT)} -> {current.get(k, ABSENT)}"
+                           for k in differ)
+        sys.exit(f"{refused} with other arguments ({change}); {fix}")
+    history = saved.get("git_commits")
+    if not isinstance(history, list) or not history:  # args.json of a run made before the history was kept
+        history = [saved.get("git_commit", ABSENT)]
+    code = current["git_commits"][-1]
+    if history[-1] != code and not current.get("allow_code_change"):
+        sys.exit(f"{refused} with other code ({history[-1]} -> {code}): a resume across a code change may not be "
+                 f"exact; pass --allow-code-change to continue anyway (args.json keeps the commits), or {fix}")
+    return history + [code] if history[-1] != code else history
+
+
+def _lock_run_folder(out: Path) -> None:
+    """flock OUT/run.lock for the life of this process (the OS releases it when the process ends, killed or
+    not), or exit naming the folder. The file locked must still be the one at that path: a run that removes
+    its unused folder at exit may unlink it between our open and our lock."""
+    import fcntl
+    for _ in range(3):
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            sys.exit(f"--out {out}: another run is using this folder (process {holder or '?'} holds "
+                     f"{out / LOCK_FILE}); wait for it to end, or choose another --out")
+        try:
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(out / LOCK_FILE)):
+                lock.truncate(0)
+                lock.write(str(os.getpid()))
+                lock.flush()
+                _HELD_LOCKS.append(lock)
+                return
+        except FileNotFoundError:
+            pass
+        lock.close()
+    sys.exit(f"--out {out}: the folder keeps being removed while this run claims it; choose another --out")
+
+
+_HELD_LOCKS = []  # kept open (and so locked) until the process ends
+
+
+def claim_run_folder(args: argparse.Namespace, out: Path, accelerator) -> None:
+    """A run folder belongs to one run at a time (OUT/run.lock) and to one set of arguments. A used folder is
+    continued only with the same arguments (RUN_CONTROL_FLAGS aside; the process count counts) and code (or
+    --allow-code-change), started over only with --overwrite in a folder that holds a run of ours, and never
+    silently replaced; `--resume PATH` is checked against PATH's run the same way. A folder this command creates
+    is removed again if the run stops before writing anything but its arguments and log. The main process
+    decides (and holds the lock); the others stop with its line."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            _claim_run_folder(args, out)
+        except SystemExit as stop:
+            refusal = str(stop.code)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        sys.exit(refusal)
+
+
+def _claim_run_folder(args: argparse.Namespace, out: Path) -> None:
     if out.exists() and not out.is_dir():
         sys.exit(f"--out {out}: is a file, expected a run folder")
-    current = json.loads(json.dumps(vars(args), default=str))
-    if run_in_folder(out) and not getattr(args, "overwrite", False):
-        if args.resume == "none":
-            sys.exit(f"--out {out} holds a run already; continue it with --resume auto, start over there with "
-                     f"--overwrite (deletes it), or choose another --out")
-        try:
-            saved = json.loads((out / "args.json").read_text())
-        except (OSError, ValueError):
-            sys.exit(f"--out {out} holds a run without a readable args.json; choose another --out, or --overwrite")
-        differ = changed_args(current, saved)
-        if differ:
-            change = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, ABSENT)} -> {current.get(k, ABSENT)}"
-                               for k in differ)
-            sys.exit(f"--out {out} holds a run with other arguments ({change}); choose another --out, or "
-                     f"--overwrite to start over there")
-    if not is_main:
-        return
-    created = not out.exists()
+    created, new_lock = not out.exists(), not (out / LOCK_FILE).exists()
     try:
-        if getattr(args, "overwrite", False):
-            for name in RUN_FILES:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({**current, **provenance()}, indent=2))
+        _lock_run_folder(out)
     except OSError as error:
         sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
     if created:
         import atexit
         atexit.register(_remove_if_unused, out)
+    current = {**json.loads(json.dumps(vars(args), default=str)), **provenance()}
+    try:
+        history, delete = _checked_run_folder(args, out, current)
+    except SystemExit:
+        if new_lock:  # a refused command leaves the folder as it found it
+            (out / LOCK_FILE).unlink(missing_ok=True)
+        raise
+    try:
+        for name in delete:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        write_atomically(out / "args.json", json.dumps({**current, "git_commits": history}, indent=2))
+    except OSError as error:
+        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
+
+
+def _checked_run_folder(args: argparse.Namespace, out: Path, current: dict) -> tuple[list, list]:
+    """The commits the run has run under and the files --overwrite deletes, or exit in one line."""
+    history, delete = current["git_commits"], []
+    if getattr(args, "overwrite", False):
+        delete = [name for name in RUN_FILES if name != LOCK_FILE and (out / name).exists()]
+        if delete and not {"method", "versions"} <= (_saved_args(out) or {}).keys():
+            sys.exit(f"--overwrite: {out} holds no run of this project (no args.json written by a method script) "
+                     f"but {', '.join(delete)}; nothing deleted: choose another --out")
+    elif run_in_folder(out):
+        if args.resume == "none":
+            sys.exit(f"--out {out} holds a run already; continue it with --resume auto, start over there with "
+                     f"--overwrite (deletes it), or choose another --out")
+        history = _same_run(current, out, f"--out {out} holds a run",
+                            "choose another --out, or --overwrite to start over there")
+    if args.resume not in ("auto", "none") and Path(args.resume).is_dir():
+        path = Path(args.resume).resolve()
+        if path.parent.name != "checkpoints":
+            sys.exit(f"--resume {args.resume}: cannot tell which run this checkpoint belongs to, so not whether "
+                     f"its arguments are these (expected OUT/checkpoints/last beside the run's OUT/args.json)")
+        history = _same_run(current, path.parent.parent, f"--resume {args.resume}: the checkpoint's run "
+                            f"{path.parent.parent} ran", "resume it with that run's arguments")
+    return history, delete
 
 
 def _remove_if_unused(out: Path) -> None:
     """atexit: a folder created by a run that stopped before its first evaluation (bad input, a crash at
     start-up) is removed, so that it neither litters nor claims the folder for those arguments."""
-    if out.is_dir() and not run_in_folder(out) and all(p.name in ("args.json", "log.txt") for p in out.iterdir()):
+    if out.is_dir() and not run_in_folder(out) and all(p.name in ("args.json", "log.txt", LOCK_FILE)
+                                                       for p in out.iterdir()):
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -722,6 +865,25 @@ def checkpoint_dir(out) -> Path:
 COMPLETE = "COMPLETE"  # written into last.tmp once every process has saved: the folder is whole
 
 
+def _sha256(file: Path, sync: bool = False) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())  # on disk before the marker says the folder is whole
+    return digest.hexdigest()
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def recover_checkpoint(out) -> None:
     """Bring OUT/checkpoints back to one whole `last` from any state a crash in save_checkpoint can leave:
     a whole last.tmp (marked COMPLETE) is the newest state and replaces the others; a half-written one is
@@ -745,8 +907,9 @@ def recover_checkpoint(out) -> None:
 
 def save_checkpoint(accelerator, out) -> None:
     """Full resumable state (prepared networks, optimizers, registered objects, RNG of every process) via
-    accelerate's save_state into last.tmp, marked COMPLETE, then swapped in for `last`; recover_checkpoint
-    resolves every state a crash can leave, so a crash never loses the previous state nor wedges the run."""
+    accelerate's save_state into last.tmp, marked COMPLETE (with the sha256 of every file, all of them synced
+    to disk first), then swapped in for `last`; recover_checkpoint resolves every state a crash can leave, so a
+    crash or a power loss never loses the previous state nor wedges the run."""
     final = checkpoint_dir(out)
     tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
     if accelerator.is_main_process:
@@ -755,10 +918,13 @@ def save_checkpoint(accelerator, out) -> None:
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / COMPLETE).write_text("")
+        sums = {str(f.relative_to(tmp)): _sha256(f, sync=True) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        write_atomically(tmp / COMPLETE, json.dumps({"sha256": sums}, indent=1))
+        _fsync_folder(tmp)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
+        _fsync_folder(final.parent)
         if old.exists():
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -793,68 +959,118 @@ def _kept_checkpoint(out) -> str:
 
 
 def _expected_checkpoint_files(accelerator) -> list[str]:
-    """What accelerate's save_state wrote for this run's registered state (load_state reads exactly these)."""
+    """What accelerate's save_state writes for this run's registered state (load_state reads exactly these),
+    an RNG state per process."""
     names = [f"model{f'_{i}' if i else ''}.safetensors" for i in range(len(accelerator._models))]
     names += [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(accelerator._optimizers))]
     names += [f"custom_checkpoint_{i}.pkl" for i in range(len(accelerator._custom_objects))]
-    return names + [f"random_states_{accelerator.process_index}.pkl"]
+    return names + [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)]
 
 
 def check_checkpoint_files(accelerator, path: Path) -> None:
-    """Before load_state: every file it will read is present and loads as plain tensors and values. Accelerate
-    unpickles registered objects with weights_only=False (a pickle can run code) and skips a missing or
-    unreadable RNG state with an info-level message (an inexact resume): both are refused here, in one line."""
+    """Before load_state, in one line on every process: the checkpoint holds this run's state (the files that
+    its networks, optimizers, registered objects and process count make), each file is there with the sha256
+    that COMPLETE recorded, loads as plain tensors and values, and each RNG state is one. Accelerate unpickles
+    registered objects with weights_only=False (a pickle can run code), and skips a missing or unreadable RNG
+    state with an info-level message (an inexact resume): both are refused."""
     from accelerate.utils import load
-    for name in _expected_checkpoint_files(accelerator):
+    try:
+        sums = json.loads((path / COMPLETE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        sums = None
+    if not isinstance(sums, dict):
+        sys.exit(f"--resume {path}: no {COMPLETE} marker with the checksums of its files (a checkpoint of an older "
+                 f"version, or one whose save did not finish): it cannot be verified (start over with --overwrite)")
+    expected = set(_expected_checkpoint_files(accelerator))
+    state = {n for n in sums if n.startswith(("model", "optimizer", "custom_checkpoint_", "random_states_"))}
+    if state != expected:
+        sys.exit(f"--resume {path}: the checkpoint holds the state of another method, configuration or process "
+                 f"count (missing: {', '.join(sorted(expected - state)) or 'none'}; not of this run: "
+                 f"{', '.join(sorted(state - expected)) or 'none'})")
+    for name, digest in sorted(sums.items()):
         file = path / name
         if not file.is_file():
-            if name.startswith("model") and (path / name.replace(".safetensors", ".bin")).is_file():
-                file = path / name.replace(".safetensors", ".bin")
-            else:
-                sys.exit(f"--resume {path}: {name} is missing; the checkpoint is incomplete and a resume would "
-                         f"not be exact (start over with --overwrite)")
-        if file.suffix == ".safetensors":
+            sys.exit(f"--resume {path}: {name} is missing; the checkpoint is incomplete and a resume would "
+                     f"not be exact (start over with --overwrite)")
+        if _sha256(file) != digest:
+            sys.exit(f"--resume {path}: {name} does not match its checksum in {COMPLETE} (truncated or changed "
+                     f"since it was saved); a resume would not be exact (start over with --overwrite)")
+        if file.suffix not in (".bin", ".pkl", ".pt"):
             continue  # safetensors holds tensors only
         try:
-            load(file, map_location="cpu", weights_only=True)
+            value = load(file, map_location="cpu", weights_only=True)
         except Exception as error:
             kind = "holds objects other than tensors and plain values (refused: unpickling could run code)" \
                 if "weights_only" in str(error).lower() or "weights only" in str(error).lower() else \
                 f"is unreadable ({type(error).__name__})"
             sys.exit(f"--resume {path}: {file.name} {kind}")
+        rng_state = isinstance(value, dict) and all(isinstance(value.get(key), kind) for key, kind in (
+            ("random_state", tuple), ("numpy_random_seed", tuple), ("torch_manual_seed", torch.Tensor)))
+        if name.startswith("random_states_") and not rng_state:
+            sys.exit(f"--resume {path}: {name} is not an RNG state (expected the Python, NumPy and torch generator "
+                     f"states that accelerate saves); a resume would not be exact")
+
+
+def drop_records_after(file: Path, step: int, log) -> None:
+    """Keep the records of iterations <= step in a jsonl log (the later ones are about to be written again);
+    a torn last line (a kill or a full disk during an append) is dropped with a warning, another unreadable
+    line stops the run naming it. Rewritten through a temporary file."""
+    if not file.is_file():
+        return
+    text = file.read_text(errors="replace")
+    lines, kept = text.splitlines(), []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if number < len(lines):
+                sys.exit(f"{file}: line {number} is not a JSON record ({line[:80]!r}); repair or delete it to "
+                         f"continue the run")
+            log.info(f"warning: {file}: dropped its torn last line ({line[:80]!r}), left by an interrupted write")
+            continue
+        if record.get("iteration", 0) <= step:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        write_atomically(file, "".join(kept))
 
 
 def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
     """--resume auto: continue OUT/checkpoints/last if present (after recover_checkpoint has resolved what a
-    crash mid-save left); PATH: that checkpoint folder; none: start fresh. Every file is checked first
-    (check_checkpoint_files). After the load, the records of metrics.jsonl and train.jsonl past the resumed
-    iteration (written after the checkpoint, before an interruption) are dropped: they are about to be
-    written again. Returns the iteration to start from."""
-    if args.resume == "none":
-        return 0
+    crash mid-save left); PATH: that checkpoint folder (its run's arguments were checked by claim_run_folder);
+    none: start fresh. Every file is checked first (check_checkpoint_files). The records of metrics.jsonl and
+    train.jsonl past the iteration started from (written after the checkpoint, before an interruption; all of
+    them when there is no checkpoint) are dropped: they are about to be written again. Returns that
+    iteration."""
+    path = None
     if args.resume == "auto":
         if accelerator.is_main_process:
             recover_checkpoint(args.out)
         accelerator.wait_for_everyone()
-        path = checkpoint_dir(args.out)
-        if not path.is_dir():
-            return 0
-    else:
+        path = checkpoint_dir(args.out) if checkpoint_dir(args.out).is_dir() else None
+    elif args.resume != "none":
         path = Path(args.resume)
         if not path.is_dir():
             sys.exit(f"--resume {args.resume}: no checkpoint folder there (expected OUT/checkpoints/last)")
-    check_checkpoint_files(accelerator, path)
-    accelerator.load_state(str(path))
+    if path is not None:
+        check_checkpoint_files(accelerator, path)
+        try:
+            accelerator.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError) as error:
+            if isinstance(error, RuntimeError) and "state_dict" not in str(error):
+                raise  # not a mismatch of the saved tensors (e.g. out of memory)
+            sys.exit(f"--resume {path}: the checkpoint does not fit this run's networks "
+                     f"({' '.join(str(error).split())[:200]})")
+    start = state.step if path is not None else 0
     if accelerator.is_main_process:
         for name in ("metrics.jsonl", "train.jsonl"):
-            file = Path(args.out) / name
-            if file.is_file():
-                lines = file.read_text().splitlines()
-                kept = [line for line in lines if line.strip() and json.loads(line).get("iteration", 0) <= state.step]
-                if len(kept) != len(lines):
-                    file.write_text("".join(line + "\n" for line in kept))
-    log.info(f"resumed from {path} at iteration {state.step}")
-    return state.step
+            drop_records_after(Path(args.out) / name, start, log)
+    if path is not None:
+        log.info(f"resumed from {path} at iteration {start}")
+    return start
 
 
 def save_weights(model: nn.Module, path: Path, **meta) -> None:

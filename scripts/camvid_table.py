@@ -152,7 +152,9 @@ def stale(name: str, seed: int) -> bool:
         return False
     import common
     saved = json.loads((folder / "args.json").read_text())
-    return bool(common.changed_args(expected_args(name, seed), saved, ignore={"data_root"}))  # a path of a machine
+    if saved.get("num_processes", 1) != 1:  # the row's command runs one process (absent: run before it was recorded)
+        return True
+    return bool(common.changed_args(expected_args(name, seed), saved, ignore={"data_root", "num_processes"}))
 
 
 def finished(name: str, seed: int) -> bool:

@@ -2,12 +2,15 @@
 swap can leave, payloads in weights and checkpoint files, a run folder reused with other arguments, bad data
 found at start-up, an incomplete checkpoint, unclear errors, duplicate records after a resume."""
 import functools
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +48,13 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(run, out)
     return out
+
+
+def reseal(folder: Path) -> None:
+    """Rewrite a checkpoint's COMPLETE with the checksums of its files as they are now: a forger who knows the
+    format gets past the checksum, so what is checked after it is exercised too."""
+    sums = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.iterdir() if f.name != "COMPLETE"}
+    (folder / "COMPLETE").write_text(json.dumps({"sha256": sums}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,6 +150,7 @@ def test_resume_refuses_a_registered_state_with_a_payload(stopped_run, tmp_path)
     out = copy_of(stopped_run, tmp_path)
     marker = tmp_path / "payload_ran"
     torch.save({"step": _Payload(marker)}, out / "checkpoints" / "last" / "custom_checkpoint_0.pkl")
+    reseal(out / "checkpoints" / "last")
     result = run_method("supervised.py", [*RUN, "--out", str(out)], check=False)
     assert result.returncode != 0 and not marker.exists()
     assert "custom_checkpoint_0.pkl holds objects other than tensors" in last_line(result)
@@ -188,7 +199,8 @@ def test_overwrite_starts_over_and_args_record_the_code(stopped_run, tmp_path):
     run_method("supervised.py", [*RUN, "--out", str(out), "--lr", "0.02", "--overwrite"])
     assert [m["iteration"] for m in read_metrics(out)] == [4, 8]  # from scratch, nothing of the old run
     saved = json.loads((out / "args.json").read_text())
-    assert saved["lr"] == 0.02 and saved["git_commit"] and saved["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert saved["lr"] == 0.02 and len(saved["git_commits"]) == 1
+    assert saved["versions"]["torch"] == torch.__version__.split("+")[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,6 +450,7 @@ def test_resume_refuses_a_missing_or_corrupt_rng_state(stopped_run, tmp_path, da
         rng.unlink()
     else:
         rng.write_bytes(b"\x80\x04garbage")
+        reseal(rng.parent)
     result = run_method("supervised.py", [*RUN, "--out", str(out)], check=False)
     assert result.returncode != 0 and "Traceback" not in output_of(result)
     assert "random_states_0.pkl" in last_line(result) and ("missing" in last_line(result) or "unreadable" in
@@ -455,3 +468,256 @@ def test_resume_drops_records_written_after_the_checkpoint(stopped_run, tmp_path
     assert [m["iteration"] for m in read_metrics(out)] == [4, 8]
     train = [json.loads(line)["iteration"] for line in (out / "train.jsonl").read_text().splitlines()]
     assert train == sorted(set(train)) and train[-1] == 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability II (issue 31): one run per folder at a time, every resume exact or refused, torn logs
+# ----------------------------------------------------------------------------------------------------------
+PROCESSES_CHANGE = "processes (accelerate launch --num_processes)"
+
+
+def test_resume_with_another_process_count_is_refused_before_anything(stopped_run, tmp_path):
+    """2 -> 1 used to be accepted (half the global batch, other data streams, random_states_1.pkl ignored);
+    1 -> 2 was refused only after rank 0 had logged "resumed"."""
+    two = tmp_path / "two"
+    run_method("supervised.py", [*RUN, "--stop-at", "4", "--out", str(two)], processes=2)
+    before = (two / "metrics.jsonl").read_text()
+    result = run_method("supervised.py", [*RUN, "--out", str(two)], check=False)
+    assert result.returncode != 0 and "Traceback" not in output_of(result)
+    assert last_line(result).startswith(f"--out {two} holds a run with other arguments ({PROCESSES_CHANGE} 2 -> 1)")
+    assert (two / "metrics.jsonl").read_text() == before
+    assert json.loads((two / "args.json").read_text())["num_processes"] == 2
+    one = copy_of(stopped_run, tmp_path)
+    result = run_method("supervised.py", [*RUN, "--out", str(one)], processes=2, check=False)
+    refusal = f"--out {one} holds a run with other arguments ({PROCESSES_CHANGE} 1 -> 2)"
+    assert result.returncode != 0 and "resumed from" not in output_of(result)
+    assert output_of(result).count(refusal) == 2  # each process stops on the main process's line
+
+
+def test_two_runs_on_one_folder_at_once_the_second_is_refused(tmp_path):
+    """Two runs on one folder both used to pass the argument check (no run files yet) and interleave their logs;
+    with a lock the second is refused naming the folder. Ctrl-C ends the first in one line, and its end releases
+    the lock."""
+    out, stdout, stderr = tmp_path / "run", open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
+    first = subprocess.Popen([sys.executable, str(ROOT / "methods" / "supervised.py"), *RUN, "--iters", "100000",
+                              "--eval-every", "2", "--out", str(out)], cwd=ROOT, stdout=stdout, stderr=stderr,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    stdout.close(), stderr.close()  # the child holds its own descriptors
+
+    def wait_for(path: Path):
+        deadline = time.time() + 600
+        while not path.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+    try:
+        wait_for(out / "log.txt")  # written once the folder is claimed
+        second = run_method("supervised.py", [*RUN, "--iters", "4", "--eval-every", "2", "--out", str(out)],
+                            check=False)
+        assert second.returncode != 0 and "Traceback" not in output_of(second)
+        assert last_line(second).startswith(f"--out {out}: another run is using this folder (process {first.pid} ")
+        wait_for(out / "checkpoints" / "last")  # the first run went on
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=300)
+    finally:
+        first.kill()
+    output = (tmp_path / "stdout").read_text() + (tmp_path / "stderr").read_text()
+    assert first.returncode == 128 + signal.SIGINT and "Traceback" not in output
+    assert (tmp_path / "stderr").read_text().strip().splitlines()[-1] == (
+        f"stopped by SIGINT: continue the run from its last checkpoint ({out / 'checkpoints' / 'last'}) with the "
+        f"same command (--resume auto)")
+    third = run_method("supervised.py", [*RUN, "--iters", "2", "--eval-every", "2", "--out", str(out), "--overwrite"])
+    assert third.returncode == 0 and [m["iteration"] for m in read_metrics(out)] == [2]
+
+
+def test_sigterm_ends_in_one_line_saying_where_to_continue(tmp_path, capsys):
+    """A scheduler's SIGTERM ended a run without a word of where it could be continued from (Ctrl-C: a
+    KeyboardInterrupt traceback, tried end to end in test_two_runs_on_one_folder_at_once_the_second_is_refused)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        common._stop_in_one_line_on_signals(tmp_path, True)
+        last = tmp_path / "checkpoints" / "last"
+        for saved, expected in ((False, "no checkpoint was written yet; the same command starts the run over"),
+                                (True, f"continue the run from its last checkpoint ({last}) with the same command "
+                                       f"(--resume auto)")):
+            if saved:
+                common.checkpoint_dir(tmp_path).mkdir(parents=True)
+            with pytest.raises(SystemExit) as stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # cut short: the handler raises as the signal arrives
+            assert stop.value.code == 128 + signal.SIGTERM
+            assert capsys.readouterr().err == f"stopped by SIGTERM: {expected}\n"
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_warning(stopped_run, tmp_path):
+    """A full disk (or a kill) during an append left half a JSON line; every later resume died on it."""
+    out = copy_of(stopped_run, tmp_path)
+    for name in ("metrics.jsonl", "train.jsonl"):
+        with open(out / name, "a") as f:
+            f.write('{"iteration": 6, "mi')
+    result = run_method("supervised.py", [*RUN, "--out", str(out)])
+    assert f"warning: {out / 'metrics.jsonl'}: dropped its torn last line" in output_of(result)
+    assert [m["iteration"] for m in read_metrics(out)] == [4, 8]
+    train = [json.loads(line)["iteration"] for line in (out / "train.jsonl").read_text().splitlines()]
+    assert train == list(range(1, 9))
+
+
+def test_drop_records_after_rewrites_atomically_and_names_a_bad_line(tmp_path, capsys):
+    log, file = common.RunLog(tmp_path, True), tmp_path / "metrics.jsonl"
+    file.write_text('{"iteration": 2}\n{"iteration": 4}\n{"iteration": 6}\n{"iter')
+    common.drop_records_after(file, 4, log)
+    assert file.read_text() == '{"iteration": 2}\n{"iteration": 4}\n'
+    assert "dropped its torn last line" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "metrics.jsonl"]  # no temporary file left
+    file.write_text('{"iteration": 2}\n{"iter\n{"iteration": 4}\n')
+    with pytest.raises(SystemExit, match=rf"^{file}: line 2 is not a JSON record"):
+        common.drop_records_after(file, 4, log)
+
+
+def test_resume_path_checks_the_arguments_of_the_checkpoints_run(stopped_run, tmp_path):
+    """--resume PATH skipped the argument check: a checkpoint of --lr 0.01 continued under another --lr and
+    decoder width (the width then failed in a load_state traceback)."""
+    last = stopped_run / "checkpoints" / "last"
+    result = run_method("supervised.py", [*RUN, "--out", str(tmp_path / "new"), "--resume", str(last), "--lr", "0.05",
+                                          "--decoder-channels", "8"], check=False)
+    assert result.returncode != 0 and "Traceback" not in output_of(result)
+    assert last_line(result).startswith(f"--resume {last}: the checkpoint's run {stopped_run} ran with other "
+                                        f"arguments (--decoder-channels 16 -> 8, --lr 0.01 -> 0.05)")
+    alone = tmp_path / "elsewhere"
+    shutil.copytree(last, alone)  # a checkpoint without its run: its arguments cannot be known
+    result = run_method("supervised.py", [*RUN, "--out", str(tmp_path / "new"), "--resume", str(alone)], check=False)
+    assert result.returncode != 0 and last_line(result).startswith(f"--resume {alone}: cannot tell which run")
+    result = run_method("supervised.py", [*RUN, "--out", str(tmp_path / "new"), "--resume", str(last)])
+    assert f"resumed from {last} at iteration 4" in output_of(result)
+
+
+def test_resume_after_a_code_change_is_refused_unless_allowed_and_the_commits_are_kept(stopped_run, tmp_path):
+    """A resume after a code change was silent and overwrote args.json's git_commit: the run's origin was lost."""
+    out = copy_of(stopped_run, tmp_path)
+    saved = json.loads((out / "args.json").read_text())
+    saved.pop("git_commits", None)  # as args.json was before the history was kept: the history starts from it
+    (out / "args.json").write_text(json.dumps({**saved, "git_commit": "0123abc"}))
+    result = run_method("supervised.py", [*RUN, "--out", str(out)], check=False)
+    assert result.returncode != 0 and "resumed from" not in output_of(result)
+    assert last_line(result).startswith(f"--out {out} holds a run with other code (0123abc -> ")
+    assert "--allow-code-change" in last_line(result)
+    run_method("supervised.py", [*RUN, "--out", str(out), "--allow-code-change"])
+    commits = json.loads((out / "args.json").read_text())["git_commits"]
+    assert commits == ["0123abc", common.provenance()["git_commits"][0]]
+    assert [m["iteration"] for m in read_metrics(out)] == [4, 8]
+
+
+def test_an_args_json_that_is_not_an_object_is_one_line(stopped_run, tmp_path):
+    out = copy_of(stopped_run, tmp_path)
+    (out / "args.json").write_text("[1, 2]")
+    result = run_method("supervised.py", [*RUN, "--out", str(out)], check=False)
+    assert result.returncode != 0 and "Traceback" not in output_of(result)
+    assert last_line(result).startswith(f"--out {out} holds a run without a readable args.json (a JSON object")
+
+
+def test_resume_refuses_an_rng_state_that_is_not_one(stopped_run, tmp_path):
+    """random_states_0.pkl replaced by torch.save({}) loaded fine and accelerate skipped it: 58 tensors differed
+    at the end."""
+    out = copy_of(stopped_run, tmp_path)
+    torch.save({}, out / "checkpoints" / "last" / "random_states_0.pkl")
+    reseal(out / "checkpoints" / "last")
+    result = run_method("supervised.py", [*RUN, "--out", str(out)], check=False)
+    assert result.returncode != 0 and "Traceback" not in output_of(result)
+    assert "random_states_0.pkl is not an RNG state" in last_line(result)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "changed"])
+def test_resume_refuses_a_checkpoint_file_that_does_not_match_its_checksum(stopped_run, tmp_path, damage):
+    """A truncated or empty model.safetensors gave a 20-line SafetensorError; changed bytes loaded silently."""
+    out = copy_of(stopped_run, tmp_path)
+    weights = out / "checkpoints" / "last" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[:len(data) // 2], "empty": b"",
+                         "changed": data[:-4] + bytes(b ^ 1 for b in data[-4:])}[damage])
+    result = run_method("supervised.py", [*RUN, "--out", str(out)], check=False)
+    assert result.returncode != 0 and "Traceback" not in output_of(result) and "resumed" not in output_of(result)
+    assert last_line(result).startswith(f"--resume {weights.parent}: model.safetensors does not match its checksum")
+
+
+def test_no_repeated_records_when_no_checkpoint_completed(stopped_run, tmp_path):
+    """A kill before the first checkpoint completed left its evaluation record, and every retry added one
+    more (8 copies after 7 tries): there was nothing to resume, so nothing was trimmed."""
+    out = copy_of(stopped_run, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "last")
+    (out / "checkpoints" / "last.tmp").mkdir()  # killed during the first save
+    (out / "checkpoints" / "last.tmp" / "model.safetensors").write_bytes(b"half")
+    run_method("supervised.py", [*RUN, "--out", str(out)])
+    assert [m["iteration"] for m in read_metrics(out)] == [4, 8]
+    train = [json.loads(line)["iteration"] for line in (out / "train.jsonl").read_text().splitlines()]
+    assert train == list(range(1, 9))
+
+
+def test_overwrite_refuses_a_folder_without_a_run_of_ours(tmp_path):
+    """--overwrite used to delete checkpoints/ (with a file of the user's in it), overlays/ and log.txt in any
+    folder."""
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "keep.txt").write_text("mine")
+    (out / "notes.txt").write_text("mine")
+    (out / "log.txt").write_text("my log")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    result = run_method("supervised.py", [*RUN, "--out", str(out), "--overwrite"], check=False)
+    assert result.returncode != 0 and "Traceback" not in output_of(result)
+    assert last_line(result).startswith(f"--overwrite: {out} holds no run of this project")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing deleted, nothing added
+
+
+def test_pretrained_payload_is_one_line(tmp_path):
+    marker = tmp_path / "payload_ran"
+    weights = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": _Payload(marker)}, weights)
+    with pytest.raises(SystemExit, match=rf"^--pretrained {weights}: {weights} is not readable as plain weights"):
+        common.build_model("resnet18", 5, str(weights))
+    torch.save([torch.zeros(1)], weights)
+    with pytest.raises(SystemExit, match=rf"^--pretrained {weights}: {weights} holds a list, expected a state dict"):
+        common.build_model("resnet18", 5, str(weights))
+    assert not marker.exists()
+
+
+def test_checkpoint_of_another_method_or_width_is_one_line(accelerator, tmp_path):
+    """A checkpoint with other registered state used to be called incomplete; one whose tensors do not fit
+    ended in a load_state traceback."""
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state)
+    accelerator.prepare(torch.nn.Linear(2, 3))
+    args = SimpleNamespace(resume="auto", out=str(tmp_path))
+    common.save_checkpoint(accelerator, tmp_path)
+    accelerator.register_for_checkpointing(common.TrainState())  # as a method with one more registered object
+    with pytest.raises(SystemExit, match=r"holds the state of another method, configuration or process count "
+                                         r"\(missing: custom_checkpoint_1.pkl; not of this run: none\)"):
+        common.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True))
+    accelerator._custom_objects.pop()
+    accelerator._models[0] = torch.nn.Linear(2, 4)  # as a network of another width
+    with pytest.raises(SystemExit, match=r"the checkpoint does not fit this run's networks \(.*size mismatch"):
+        common.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True))
+
+
+def test_every_checkpoint_file_and_the_marker_reach_the_disk_before_the_swap(accelerator, tmp_path, monkeypatch):
+    state = common.TrainState()
+    accelerator.register_for_checkpointing(state)
+    events, real_fsync, real_rename = [], os.fsync, Path.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", str(self)))
+        return real_rename(self, target)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    common.save_checkpoint(accelerator, tmp_path)
+    folder = tmp_path / "checkpoints" / "last.tmp"
+    swap = events.index(("rename", str(folder)))
+    synced = {Path(path).name for kind, path in events[:swap] if kind == "fsync"}
+    assert {"custom_checkpoint_0.pkl", "random_states_0.pkl", "last.tmp"} <= synced
+    assert any(kind == "fsync" and path.endswith("COMPLETE.tmp") for kind, path in events[:swap])
+    assert json.loads((tmp_path / "checkpoints" / "last" / "COMPLETE").read_text())["sha256"].keys() == {
+        "custom_checkpoint_0.pkl", "random_states_0.pkl"}

@@ -133,6 +133,9 @@ def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
     today = dict(camvid_table.expected_args("dual_teacher_1-8", 0))
     (out / "args.json").write_text(json.dumps({**today, "data_root": "/elsewhere", "out": "x", "versions": {}}))
     assert not camvid_table.stale("dual_teacher_1-8", 0)  # machine-local and provenance keys do not count
+    for processes, stale in ((1, False), (2, True)):  # the row's command runs one process
+        (out / "args.json").write_text(json.dumps({**today, "num_processes": processes}))
+        assert camvid_table.stale("dual_teacher_1-8", 0) == stale
     for changed in ({**today, "lr": today["lr"] / 2}, {k: v for k, v in today.items() if k != "ema_step"}):
         (out / "args.json").write_text(json.dumps(changed))
         assert camvid_table.stale("dual_teacher_1-8", 0) and not camvid_table.finished("dual_teacher_1-8", 0)

@@ -600,8 +600,8 @@ def _stop_in_one_line_on_signals(out: Path, is_main: bool) -> None:
             raise KeyboardInterrupt
         if is_main:
             from tqdm import tqdm
-            for bar in list(getattr(tqdm, "_instances", [])):
-                bar.close()  # the bar ends its line first, so the message has one of its own
+            for bar in sorted(getattr(tqdm, "_instances", []), key=lambda bar: -abs(getattr(bar, "pos", 0))):
+                bar.close()  # nested (evaluation) bars first: the bars end their lines, the message has its own
             folder = checkpoint_dir(out)
             saved = folder.is_dir() or folder.with_name("last.old").is_dir() or (folder.with_name("last.tmp")
                                                                                 / COMPLETE).is_file()

@@ -260,7 +260,7 @@ def report(seeds: list, ablation_seeds: list) -> str:
              "pixel accuracy of the network that makes the pseudo-labels (for the baselines: the evaluated "
              "network), on every labeled pixel of 32 fixed unlabeled training images "
              "(ground truth read for the probe only). s/iter: median over the run (evaluations excluded), lowest "
-             "over seeds, 2 CPU cores (the machine's speed drifts, see the README).", "",
+             "over seeds, 2 CPU cores (the machine's speed drifts, see results/benchmark.md).", "",
              f"| row | what it is | seeds | test mIoU per seed | mean ± std | vs supervised {SPLIT} | vs the control | "
              "val mIoU | probe acc | s/iter |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 

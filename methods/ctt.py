@@ -59,29 +59,21 @@ def parse_args(argv=None):
     parser.add_argument("--ema-decay", type=cli.probability, default=0.99, help="cap of each teacher's EMA decay ramp")
     parser.add_argument("--teacher-bn", choices=["train", "eval"], default="train", help="teachers' BatchNorm: "
                         "train = batch statistics; eval = running statistics copied from the student")
-    parser.add_argument("--ct-threshold", type=cli.probability, default=0.968,
-                        help="confidence counted in the CT weight w")
+    parser.add_argument("--ct-threshold", type=cli.probability, default=0.968, help="confidence counted in w (Eq. 5)")
     parser.add_argument("--queue-size", type=cli.positive_int, default=128, help="Q per class (paper Table 7)")
-    parser.add_argument("--bank-threshold", type=cli.probability, default=0.0,
-                        help="bank entry also needs softmax >= this (0: the paper's rule, correct + top-k; 0.95: "
-                             "our earlier confidence-gated entry)")
-    parser.add_argument("--gamma", type=cli.probability, default=0.75,
-                        help="HC/LC split of pixels (paper Eq. 7, Table 8)")
+    parser.add_argument("--bank-threshold", type=cli.probability, default=0.0, help="bank entry also needs softmax "
+                        ">= this (0: the paper's rule, correct + top-k; 0.95: our earlier confidence-gated entry)")
+    parser.add_argument("--gamma", type=cli.probability, default=0.75, help="HC/LC split of pixels (Eq. 7, Table 8)")
     parser.add_argument("--hc-labeled", choices=["confident", "all"], default="confident",
                         help="labeled HC queries: own confidence >= gamma (paper Eq. 7) or all (official code)")
-    parser.add_argument("--tau-hc", type=cli.positive_float, default=0.1,
-                        help="temperature of the high-confidence loss")
-    parser.add_argument("--tau-lc", type=cli.positive_float, default=0.5,
-                        help="temperature of the low-confidence loss")
-    parser.add_argument("--lambda-ct", type=cli.non_negative_float, default=1.0,
-                        help="weight of the cross-teacher loss")
+    parser.add_argument("--tau-hc", type=cli.positive_float, default=0.1, help="temperature of L_hc (Eq. 6)")
+    parser.add_argument("--tau-lc", type=cli.positive_float, default=0.5, help="temperature of L_lc (Eq. 8)")
+    parser.add_argument("--lambda-ct", type=cli.non_negative_float, default=1.0, help="weight of L_ct (Eq. 10)")
     parser.add_argument("--lambda-hc", type=cli.non_negative_float, default=0.1,
-                        help="0 and --lambda-lc 0: paper Table 5 'CTT w/o HC and LC' (no banks)")
-    parser.add_argument("--lambda-lc", type=cli.non_negative_float, default=0.1,
-                        help="weight of the low-confidence loss")
-    parser.add_argument("--contrast-after", type=cli.non_negative_int,
-                        help="fallback (ours, off by default): switch HC/LC on after this many iterations even if "
-                             "some queue is not full, using the filled entries only")
+                        help="weight of L_hc (Eq. 10); 0 and --lambda-lc 0: Table 5's 'CTT w/o HC and LC', no banks")
+    parser.add_argument("--lambda-lc", type=cli.non_negative_float, default=0.1, help="weight of L_lc (Eq. 10)")
+    parser.add_argument("--contrast-after", type=cli.non_negative_int, help="ours, off by default: switch HC/LC on "
+                        "after this many iterations even if some queue is not full, using the filled entries only")
     return cli.resolve_args(parser, PAPER_DEFAULTS, "ctt", argv)
 
 
@@ -205,15 +197,12 @@ def cross_teacher_probs(probs, i):
     return probs[i] if len(probs) == 1 else (probs.sum(0) - probs[i]) / (len(probs) - 1)
 
 
-class CrossTeacher(nn.Module):
-    """cross_teacher_probs for student A as a network (log-probabilities) for the pseudo-label probe and overlays."""
-
-    def __init__(self, teachers):
-        super().__init__()
-        self.teachers = nn.ModuleList(teachers)
+class CrossTeacher(nn.ModuleList):
+    """The teachers; as a network, cross_teacher_probs for student A (log-probabilities), which the pseudo-label probe
+    scores and the overlays draw."""
 
     def forward(self, image):
-        return cross_teacher_probs(torch.stack([t(image).float().softmax(1) for t in self.teachers]), 0).log()
+        return cross_teacher_probs(torch.stack([t(image).float().softmax(1) for t in self]), 0).log()
 
 
 def contrastive_losses(i, feat, *, n_l, gt, valid, teacher_conf, teacher_label, student_conf, student_pred,
@@ -313,34 +302,33 @@ def switch_contrast_on(step, *, banks, state, log, args):
         banks.ready.fill_(True)
     if (args.lambda_hc > 0 or args.lambda_lc > 0) and state.extra["contrast_on_iteration"] is None and banks.ready:
         state.extra["contrast_on_iteration"] = step
-        q = args.queue_size
-        log.info(f"HC/LC on from iteration {step + 1}: " + (f"every queue of every bank holds Q = {q} entries"
-                 if bool((banks.size == q).all()) else f"--contrast-after {args.contrast_after}"))
+        full = bool((banks.size == args.queue_size).all())
+        log.info(f"HC/LC on from iteration {step + 1}: " + (f"every queue of every bank holds Q = {args.queue_size} "
+                 "entries" if full else f"--contrast-after {args.contrast_after}"))
 
 
 def bank_diagnostics(done, total, evaluate, *, banks, state, log, accelerator, class_names, args):
-    """What the banks hold after iteration `done`: a WARNING at 10% of the run if HC/LC are still off; at an
-    evaluation a log line and the metrics.jsonl fields (entries and candidates per class, HC/LC's share)."""
+    """After iteration `done`: a WARNING at 10% of the run while HC/LC are off; at an evaluation a log line and the
+    metrics.jsonl fields (entries, candidates since the last evaluation per pair and class; HC/LC's share)."""
     def per_class(table):  # [N, C] -> {pair: {class: value}}
-        return {PAIR_NAMES[i]: dict(zip(class_names, row)) for i, row in enumerate(table.tolist())}
+        return {pair: dict(zip(class_names, row)) for pair, row in zip(PAIR_NAMES, table.tolist())}
 
-    q = args.queue_size
-    if (args.lambda_hc > 0 or args.lambda_lc > 0) and done == (total + 9) // 10 and not bool(banks.ready):
-        log.info(f"WARNING: memory banks not full after {done} of {total} iterations (10%), HC/LC still off; "
-                 "queues below Q: " + ", ".join(f"{p} {c} {n}" for p, row in per_class(banks.size).items()
-                                                 for c, n in row.items() if n < q))
+    if (args.lambda_hc > 0 or args.lambda_lc > 0) and done == (total + 9) // 10 and not banks.ready:
+        log.info(f"WARNING: memory banks not full after {done} of {total} iterations (10%), HC/LC still off; queues "
+                 "below Q: " + ", ".join(f"{pair} {c} {n}" for pair, row in per_class(banks.size).items()
+                                          for c, n in row.items() if n < args.queue_size))
     if not evaluate:
         return {}
+    entries, candidates = per_class(banks.size), per_class(accelerator.reduce(banks.candidates, "sum"))
+    banks.candidates.zero_()
     on = state.extra["contrast_on_iteration"]
     share = 0.0 if on is None else (done - on) / done  # share of the iterations so far with HC/LC
-    entries, candidates = per_class(banks.size), per_class(accelerator.reduce(banks.candidates, "sum"))
-    banks.candidates.zero_()  # counted from one evaluation to the next
-    queues = "; ".join(f"{p} " + ", ".join(f"{c} {n} ({candidates[p][c]})" for c, n in row.items())
-                       for p, row in entries.items())
+    queues = "; ".join(f"{pair} " + ", ".join(f"{c} {n} ({candidates[pair][c]})" for c, n in row.items())
+                       for pair, row in entries.items())
     log.info(("HC/LC off" if on is None else f"HC/LC on after iteration {on} ({share:.0%} of the iterations)")
              + f"; bank entries per class (candidates since the last evaluation): {queues}")
     return {"banks_ready": bool(banks.ready), "contrast_on_iteration": on, "contrast_on_share": round(share, 4),
-            "bank_fill_min": round(banks.size.min().item() / q, 3), "bank_entries": entries,
+            "bank_fill_min": round(banks.size.min().item() / args.queue_size, 3), "bank_entries": entries,
             "bank_candidates": candidates}
 
 
@@ -362,9 +350,8 @@ def main(argv=None):
     for i in range(args.pairs):
         with torch.random.fork_rng(devices=[]):  # own init per pair, identical on every process
             torch.manual_seed(args.seed * 100 + i)
-            student = common.build_model(args.backbone, data.num_classes, args.pretrained, args.output_stride,
-                                         args.decoder_channels)
-        student = common.prepare_network(student, accelerator)
+            student = common.prepare_network(common.build_model(args.backbone, data.num_classes, args.pretrained,
+                                                                args.output_stride, args.decoder_channels), accelerator)
         teachers.append(common.frozen_copy(student).train(args.teacher_bn == "train"))
         optimizer = common.sgd(common.param_groups(student, args.lr, args.head_lr_mult), args.lr, args.weight_decay)
         student, optimizer = accelerator.prepare(student, optimizer)

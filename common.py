@@ -1,5 +1,11 @@
-"""Shared pieces of every method script: DeepLabv3+ and its backbones, EMA, poly LR, metrics, evaluation,
-command line, checkpoint/resume, logging and overlays.
+"""Shared pieces of every method script, in the order a reader needs them:
+
+1. Model: ResNet and EfficientNet-Lite backbones, DeepLabv3+, build_model and the ImageNet weights.
+2. Training pieces: the shared losses, EMA teachers, parameter groups, poly LR and SGD.
+3. Evaluation: confusion matrix and IoU, whole-image and sliding-window prediction, evaluate, and
+   pseudo_label_probe (how good a method's pseudo-labels are).
+4. Run plumbing, which a paper reader may skip: setup, logging, checkpoints and resume, evaluate_and_checkpoint,
+   overlays, and the Python API (Segmenter). The command line and the run folder it claims are in cli.py.
 
 Conventions follow UniMatch (Yang et al., CVPR 2023; `LiheYoung/UniMatch@0324f3d`: its DeepLabv3+, SGD/poly
 recipe and configs) except where a docstring below says otherwise. Choices made here, for every method:
@@ -18,7 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -27,8 +33,14 @@ import torch.nn.functional as F
 from torchvision.ops import stochastic_depth
 from torchvision.ops.misc import Conv2dNormActivation
 
+import cli
+
 IGNORE_INDEX = 255
 
+
+# ==========================================================================================================
+# 1. Model
+# ==========================================================================================================
 
 # ----------------------------------------------------------------------------------------------------------
 # Backbones
@@ -278,7 +290,6 @@ def upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-BACKBONES = ["resnet18", "resnet50", "resnet101", *LITE_STAGES]
 TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
                        "resnet101": "ResNet101_Weights.IMAGENET1K_V1"}
 
@@ -293,7 +304,7 @@ def build_model(backbone: str, num_classes: int, pretrained: str = "none", outpu
     elif backbone in RESNETS:
         net = ResNet(backbone, output_stride, drop_path)
     else:
-        raise ValueError(f"--backbone {backbone!r}: expected one of {BACKBONES}")
+        raise ValueError(f"--backbone {backbone!r}: expected one of {cli.BACKBONES}")
     if pretrained != "none":
         load_backbone_weights(net, backbone, pretrained, flag)
     return DeepLabV3Plus(net, num_classes, output_stride, decoder_channels)
@@ -379,6 +390,10 @@ def normalization(backbone: str) -> tuple[tuple, tuple]:
     return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+
+# ==========================================================================================================
+# 2. Training pieces
+# ==========================================================================================================
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
     """Backbone at lr, everything else (ASPP, decoder, classifier, adapters) at lr x head_lr_mult."""
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
@@ -435,20 +450,16 @@ def ema_decay(step: int, cap: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "copy",
-               skip: Callable[[str], bool] | None = None) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, buffers: str = "copy") -> None:
     """teacher <- decay*teacher + (1-decay)*student on parameters. Buffers (BN running stats): 'copy' from the
-    student, 'ema' averaged like parameters, 'keep' untouched. `skip(name)` excludes parameters by name."""
+    student, 'ema' averaged like parameters, 'keep' untouched."""
     student_params = dict(student.named_parameters())
     for name, p in teacher.named_parameters():
-        if skip is None or not skip(name):
-            p.lerp_(student_params[name].detach().to(p.dtype), 1.0 - decay)
+        p.lerp_(student_params[name].detach().to(p.dtype), 1.0 - decay)
     if buffers == "keep":
         return
     student_buffers = dict(student.named_buffers())
     for name, b in teacher.named_buffers():
-        if skip is not None and skip(name):
-            continue
         s = student_buffers[name]
         if buffers == "ema" and b.is_floating_point():
             b.lerp_(s.to(b.dtype), 1.0 - decay)
@@ -465,9 +476,9 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metrics and evaluation
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# 3. Evaluation
+# ==========================================================================================================
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """cm[t, p] = number of pixels of ground-truth class t predicted as p; ignored pixels are not counted."""
@@ -491,20 +502,25 @@ def iou_from_confusion(cm: torch.Tensor, present_only: bool = False) -> tuple[fl
     return sum(counted) / max(len(counted), 1), iou
 
 
-@torch.no_grad()
-def predict(model: nn.Module, image: torch.Tensor, num_classes: int, mode: str = "whole",
-            window=None) -> torch.Tensor:
-    """Class probabilities [B,K,H,W]. 'sliding': windows of `window` (h, w) with stride 2/3 of the window,
-    the last window of each row/column shifted back inside the image; windows are batched, overlapping
-    softmax probabilities are averaged."""
-    if mode == "whole":
-        return model(image).float().softmax(1)
-    b, _, h, w = image.shape
+def sliding_windows(h: int, w: int, window) -> tuple[int, int, list[tuple[int, int]]]:
+    """The windows over an h x w image: their size (`window` (h, w), at most the image's) and top-left corners,
+    row by row, with a stride of 2/3 of the window; the last window of each row/column is shifted back inside."""
     wh, ww = min(window[0], h), min(window[1], w)
     sh, sw = max(1, int(wh * 2 / 3)), max(1, int(ww * 2 / 3))
     ys = sorted({min(y, h - wh) for y in range(0, h - wh + sh, sh)})
     xs = sorted({min(x, w - ww) for x in range(0, w - ww + sw, sw)})
-    boxes = [(y, x) for y in ys for x in xs]
+    return wh, ww, [(y, x) for y in ys for x in xs]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: torch.Tensor, num_classes: int, mode: str = "whole",
+            window=None) -> torch.Tensor:
+    """Class probabilities [B,K,H,W]. 'sliding': the windows of sliding_windows, batched; overlapping softmax
+    probabilities are averaged."""
+    if mode == "whole":
+        return model(image).float().softmax(1)
+    b, _, h, w = image.shape
+    wh, ww, boxes = sliding_windows(h, w, window)
     crops = torch.cat([image[:, :, y:y + wh, x:x + ww] for y, x in boxes])
     probs = model(crops).float().softmax(1).reshape(len(boxes), b, num_classes, wh, ww)
     total = image.new_zeros(b, num_classes, h, w, dtype=torch.float32)
@@ -537,17 +553,74 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, num_classes: int, 
     return {"miou": miou, "iou": iou, "confusion": cm.cpu()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------
-# The command line (DATASET_DEFAULTS, base_parser, resolve_args) lives in cli.py, which imports no torch, so
-# that every method answers --help before it loads torch; re-exported here for the scripts.
-from cli import DATASET_DEFAULTS, base_parser, resolve_args  # noqa: E402, F401
+@torch.no_grad()
+def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch: int | None = None) -> dict:
+    """How good are a method's pseudo-labels? On a fixed sample of *unlabeled training* images (data.probe_set,
+    ground truth read for this probe only; training never sees it): the share of labeled pixels whose
+    confidence passes the method's rule and the pixel accuracy of those pixels. `rule` is a threshold on the
+    max softmax (pixels >= rule pass) or a function confidence [B,H,W] -> bool mask. The share depends on each
+    method's rule, so the accuracy over *all* labeled pixels (pseudo_acc_all) is logged too: the one figure
+    comparable across methods. `probe_per_class` says which classes the pseudo-labels teach: per ground-truth
+    class its share of all pixels, the share of its pixels that pass and the accuracy of those, and per predicted
+    class its share of all passing pixels (what a loss on the passing pixels trains towards). Default: eval mode,
+    one image at a time. train_batch=B, for a network that labels in train mode: train mode (BN batch statistics)
+    on batches of B probe images (whole images of one size), and every buffer (BN running statistics, counters)
+    restored afterwards, so the probe changes nothing. A last batch of one image would fail in train mode (BN
+    needs more than one value per channel after the image pooling): it joins the batch before it; a process
+    with a single probe image skips it (counted in `probe_skipped`)."""
+    if len(data.probe_set) == 0:
+        return {}
+    was_training = network.training
+    saved = [b.clone() for b in network.buffers()] if train_batch else None
+    network.train(bool(train_batch))
+    # per class: valid, passed, passed and correct, all correct (by ground truth), passed (by predicted label);
+    # sized up front, so a process without probe images adds zeros of the same shape
+    counts = torch.zeros(5, data.num_classes, dtype=torch.float64, device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(data.probe_set), accelerator.num_processes))
+    batches = [mine[k:k + (train_batch or 1)] for k in range(0, len(mine), train_batch or 1)]
+    skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    if train_batch and batches and len(batches[-1]) == 1:
+        last = batches.pop()
+        if batches:
+            batches[-1] += last
+        else:
+            skipped += 1
+    for batch in batches:
+        samples = [data.probe_set[i] for i in batch]
+        image = torch.stack([s["image"] for s in samples]).to(accelerator.device)
+        gt = torch.stack([s["mask"] for s in samples]).to(accelerator.device)
+        with accelerator.autocast():
+            probs = network(image).float().softmax(1)
+        if probs.shape[1] != data.num_classes:
+            raise ValueError(f"pseudo_label_probe: the network predicts {probs.shape[1]} classes, the data has "
+                             f"{data.num_classes}")
+        confidence, label = probs.max(1)
+        valid = gt != IGNORE_INDEX
+        passed = valid & (rule(confidence) if callable(rule) else confidence >= rule)
+        correct = valid & (label == gt)
+        counts += torch.stack([torch.bincount(values, minlength=data.num_classes) for values in (
+            gt[valid], gt[passed], gt[passed & correct], gt[correct], label[passed])]).double()
+    if saved is not None:
+        for b, value in zip(network.buffers(), saved):
+            b.copy_(value)
+    network.train(was_training)
+    if accelerator.num_processes > 1:
+        counts, skipped = accelerator.reduce(counts, reduction="sum"), accelerator.reduce(skipped, reduction="sum")
+    valid, passed, correct, all_correct, _ = counts.sum(1).tolist()
+    names = getattr(data, "class_names", None) or [str(c) for c in range(data.num_classes)]
+    per_class = {name: {"pixels": round(100 * v / max(valid, 1), 3), "share": round(100 * p / max(v, 1), 3),
+                        "acc": round(100 * r / p, 3) if p else None,  # None: no pixel of the class passed
+                        "target_share": round(100 * t / passed, 3) if passed else None}
+                 for name, (v, p, r, _, t) in zip(names, counts.t().tolist(), strict=True)}
+    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3),
+            "pseudo_share": round(100 * passed / max(valid, 1), 3),
+            "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3), "probe_per_class": per_class,
+            **({"probe_skipped": int(skipped)} if skipped else {})}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run set-up, logging, checkpoints
-# ----------------------------------------------------------------------------------------------------------
+# ==========================================================================================================
+# 4. Run plumbing: a paper reader may skip from here to the end
+# ==========================================================================================================
 def setup(args: argparse.Namespace):
     """Accelerator (mixed precision and process count come from `accelerate launch`), per-process seeds,
     the run folder with args.json, and the run log."""
@@ -574,9 +647,9 @@ def setup(args: argparse.Namespace):
         args.batch_size = max(1, args.global_batch // world)
     args.num_processes = world  # part of the arguments: another count changes the global batch and the streams
     out = Path(args.out)
-    claim_run_folder(args, out, accelerator)
+    cli.claim_run_folder(args, out, accelerator)
     accelerator.wait_for_everyone()
-    _stop_in_one_line_on_signals(out, accelerator.is_main_process)
+    cli.stop_in_one_line_on_signals(out, accelerator.is_main_process)
     if args.log_with:
         accelerator.init_trackers(args.method, config={k: str(v) for k, v in vars(args).items()},
                                   init_kwargs={"wandb": {"dir": str(out)}})  # wandb's files in the run folder
@@ -589,235 +662,6 @@ def setup(args: argparse.Namespace):
     return accelerator, log
 
 
-def _stop_in_one_line_on_signals(out: Path, is_main: bool) -> None:
-    """Ctrl-C (SIGINT) and SIGTERM end the run with one line saying where it can be continued from, instead of
-    a KeyboardInterrupt traceback; the exit status is the shell's 128 + signal number."""
-    import signal
-    pid = os.getpid()
-
-    def stop(signum, frame):
-        if os.getpid() != pid:  # a loader worker forked from this process: the main process speaks
-            raise KeyboardInterrupt
-        if is_main:
-            from tqdm import tqdm
-            for bar in sorted(getattr(tqdm, "_instances", []), key=lambda bar: -abs(getattr(bar, "pos", 0))):
-                bar.close()  # nested (evaluation) bars first: the bars end their lines, the message has its own
-            folder = checkpoint_dir(out)
-            saved = folder.is_dir() or folder.with_name("last.old").is_dir() or (folder.with_name("last.tmp")
-                                                                                / COMPLETE).is_file()
-            print(f"stopped by {signal.Signals(signum).name}: " + (
-                f"continue the run from its last checkpoint ({folder}) with the same command (--resume auto)"
-                if saved else "no checkpoint was written yet; the same command starts the run over"),
-                file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)
-
-
-# Flags that change how a run is driven, never what it computes: they may differ when a run is continued.
-RUN_CONTROL_FLAGS = {"out", "resume", "stop_at", "overwrite", "num_workers", "log_every", "num_overlays", "log_with",
-                     "cache_images", "check_data", "eval_test", "allow_code_change"}
-PROVENANCE_KEYS = {"git_commit", "git_commits", "versions"}
-LOCK_FILE = "run.lock"  # flock-ed by the main process for the run's life: one run per folder at a time
-RUN_FILES = ["checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl", "train.jsonl", "overlays", "log.txt",
-             "args.json", LOCK_FILE]
-
-
-def provenance() -> dict:
-    """The code and packages a run used, recorded in args.json: `git_commits` lists every commit the run ran
-    under (uncommitted changes to the Python files a run uses, those outside tests/, named by a hash of their
-    diff: an edit between two resumes is seen too)."""
-    import hashlib
-    import platform
-    import subprocess
-    from importlib import metadata
-
-    def git(*arguments):
-        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *arguments], capture_output=True,
-                              text=True, timeout=30).stdout
-    try:
-        commit, diff = git("rev-parse", "HEAD").strip() or "unknown", git("diff", "HEAD", "--", "*.py", ":!tests")
-        if diff and commit != "unknown":
-            commit += f" (with uncommitted changes {hashlib.sha256(diff.encode()).hexdigest()[:12]})"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "torchvision", "accelerate", "numpy", "pillow"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return {"git_commits": [commit], "versions": versions}
-
-
-def run_in_folder(out: Path) -> bool:
-    """Does OUT hold results of a run (a checkpoint, weights or metrics)? args.json and log.txt alone, left by
-    a run that stopped before its first evaluation, hold nothing to lose."""
-    return any((out / name).exists() for name in ("checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl"))
-
-
-ABSENT = "(absent)"
-
-
-def changed_args(current: dict, saved: dict, ignore=frozenset()) -> list[str]:
-    """The argument names whose values differ between two runs' records (RUN_CONTROL_FLAGS, provenance and `ignore`
-    aside). A flag only one side knows counts: a run made before a flag existed may have run what its default no
-    longer does."""
-    keys = (current.keys() | saved.keys()) - RUN_CONTROL_FLAGS - PROVENANCE_KEYS - set(ignore)
-    return sorted(k for k in keys if current.get(k, ABSENT) != saved.get(k, ABSENT))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file, flushed to disk, renamed over `path`: a reader, a kill or a power loss
-    sees the old or the new text, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _saved_args(folder: Path) -> dict | None:
-    try:
-        saved = json.loads((folder / "args.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) else None
-
-
-def _same_run(current: dict, folder: Path, refused: str, fix: str) -> list[str]:
-    """Exit in one line unless the run in `folder` was made with `current`'s arguments (the process count
-    included) by the same code (or --allow-code-change); returns the commits it ran under."""
-    saved = _saved_args(folder)
-    if saved is None:
-        sys.exit(f"{refused} without a readable args.json (a JSON object of its arguments); {fix}")
-    differ = changed_args(current, saved)
-    if differ:
-        change = ", ".join(("processes (accelerate launch --num_processes)" if k == "num_processes" else
-                            f"--{k.replace('_', '-')}") + f" {saved.get(k, ABSENT)} -> {current.get(k, ABSENT)}"
-                           for k in differ)
-        sys.exit(f"{refused} with other arguments ({change}); {fix}")
-    history = saved.get("git_commits")
-    if not isinstance(history, list) or not history:  # args.json of a run made before the history was kept
-        history = [saved.get("git_commit", ABSENT)]
-    code = current["git_commits"][-1]
-    if history[-1] != code and not current.get("allow_code_change"):
-        sys.exit(f"{refused} with other code ({history[-1]} -> {code}): a resume across a code change may not be "
-                 f"exact; pass --allow-code-change to continue anyway (args.json keeps the commits), or {fix}")
-    return history + [code] if history[-1] != code else history
-
-
-def _lock_run_folder(out: Path) -> None:
-    """flock OUT/run.lock for the life of this process (the OS releases it when the process ends, killed or
-    not), or exit naming the folder. The file locked must still be the one at that path: a run that removes
-    its unused folder at exit may unlink it between our open and our lock."""
-    import fcntl
-    for _ in range(3):
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip()
-            lock.close()
-            sys.exit(f"--out {out}: another run is using this folder (process {holder or '?'} holds "
-                     f"{out / LOCK_FILE}); wait for it to end, or choose another --out")
-        try:
-            if os.path.samestat(os.fstat(lock.fileno()), os.stat(out / LOCK_FILE)):
-                lock.truncate(0)
-                lock.write(str(os.getpid()))
-                lock.flush()
-                _HELD_LOCKS.append(lock)
-                return
-        except FileNotFoundError:
-            pass
-        lock.close()
-    sys.exit(f"--out {out}: the folder keeps being removed while this run claims it; choose another --out")
-
-
-_HELD_LOCKS = []  # kept open (and so locked) until the process ends
-
-
-def claim_run_folder(args: argparse.Namespace, out: Path, accelerator) -> None:
-    """A run folder belongs to one run at a time (OUT/run.lock) and to one set of arguments. A used folder is
-    continued only with the same arguments (RUN_CONTROL_FLAGS aside; the process count counts) and code (or
-    --allow-code-change), started over only with --overwrite in a folder that holds a run of ours, and never
-    silently replaced; `--resume PATH` is checked against PATH's run the same way. A folder this command creates
-    is removed again if the run stops before writing anything but its arguments and log. The main process
-    decides (and holds the lock); the others stop with its line."""
-    refusal = None
-    if accelerator.is_main_process:
-        try:
-            _claim_run_folder(args, out)
-        except SystemExit as stop:
-            refusal = str(stop.code)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        sys.exit(refusal)
-
-
-def _claim_run_folder(args: argparse.Namespace, out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        sys.exit(f"--out {out}: is a file, expected a run folder")
-    created, new_lock = not out.exists(), not (out / LOCK_FILE).exists()
-    try:
-        _lock_run_folder(out)
-    except OSError as error:
-        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
-    if created:
-        import atexit
-        atexit.register(_remove_if_unused, out)
-    current = {**json.loads(json.dumps(vars(args), default=str)), **provenance()}
-    try:
-        history, delete = _checked_run_folder(args, out, current)
-    except SystemExit:
-        if new_lock:  # a refused command leaves the folder as it found it
-            (out / LOCK_FILE).unlink(missing_ok=True)
-        raise
-    try:
-        for name in delete:
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-        write_atomically(out / "args.json", json.dumps({**current, "git_commits": history}, indent=2))
-    except OSError as error:
-        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
-
-
-def _checked_run_folder(args: argparse.Namespace, out: Path, current: dict) -> tuple[list, list]:
-    """The commits the run has run under and the files --overwrite deletes, or exit in one line."""
-    history, delete = current["git_commits"], []
-    if getattr(args, "overwrite", False):
-        delete = [name for name in RUN_FILES if name != LOCK_FILE and (out / name).exists()]
-        if delete and not {"method", "versions"} <= (_saved_args(out) or {}).keys():
-            sys.exit(f"--overwrite: {out} holds no run of this project (no args.json written by a method script) "
-                     f"but {', '.join(delete)}; nothing deleted: choose another --out")
-    elif run_in_folder(out):
-        if args.resume == "none":
-            sys.exit(f"--out {out} holds a run already; continue it with --resume auto, start over there with "
-                     f"--overwrite (deletes it), or choose another --out")
-        history = _same_run(current, out, f"--out {out} holds a run",
-                            "choose another --out, or --overwrite to start over there")
-    if args.resume not in ("auto", "none") and Path(args.resume).is_dir():
-        path = Path(args.resume).resolve()
-        if path.parent.name != "checkpoints":
-            sys.exit(f"--resume {args.resume}: cannot tell which run this checkpoint belongs to, so not whether "
-                     f"its arguments are these (expected OUT/checkpoints/last beside the run's OUT/args.json)")
-        history = _same_run(current, path.parent.parent, f"--resume {args.resume}: the checkpoint's run "
-                            f"{path.parent.parent} ran", "resume it with that run's arguments")
-    return history, delete
-
-
-def _remove_if_unused(out: Path) -> None:
-    """atexit: a folder created by a run that stopped before its first evaluation (bad input, a crash at
-    start-up) is removed, so that it neither litters nor claims the folder for those arguments."""
-    if out.is_dir() and not run_in_folder(out) and all(p.name in ("args.json", "log.txt", LOCK_FILE)
-                                                       for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)
-
-
 def prepare_network(model: nn.Module, accelerator) -> nn.Module:
     """SyncBN across processes (only on CUDA: SyncBatchNorm has no CPU kernel), then to the device."""
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
@@ -826,10 +670,12 @@ def prepare_network(model: nn.Module, accelerator) -> nn.Module:
 
 
 class RunLog:
-    """Plain log (log.txt) and metrics (metrics.jsonl), written by the main process only."""
+    """Plain log (log.txt) and JSON-lines records (metrics.jsonl, train.jsonl), written by the main process only.
+    `eval_end`: when the last evaluation and checkpoint ended (perf_counter), so LossMeter leaves them out of the
+    training speed."""
 
     def __init__(self, out: Path, active: bool):
-        self.out, self.active = Path(out), active
+        self.out, self.active, self.eval_end = Path(out), active, 0.0
 
     def info(self, message: str) -> None:
         if self.active:
@@ -838,9 +684,9 @@ class RunLog:
             with open(self.out / "log.txt", "a") as f:
                 f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
 
-    def metrics(self, record: dict) -> None:
+    def append(self, file: str, record: dict) -> None:
         if self.active:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / file, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
@@ -858,51 +704,58 @@ class TrainState:
         self.extra = dict(state["extra"])
 
 
-def checkpoint_dir(out) -> Path:
-    return Path(out) / "checkpoints" / "last"
+class LossMeter:
+    """Running sums of detached loss terms; read (one host sync) only every --log-every iterations. Each read
+    also appends the averages and the training seconds per iteration (evaluation time excluded) to
+    OUT/train.jsonl."""
+
+    def __init__(self):
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+
+    def update(self, **terms: torch.Tensor) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def read(self, accelerator, step: int, log: RunLog) -> dict:
+        """Averages since the last read. Stops the run if any term is NaN/inf on any process; the last good
+        checkpoint (written only after a finite check) stays in place."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]) / max(self.count, 1)
+        bad = (~torch.isfinite(values)).any().float()
+        if accelerator.num_processes > 1:
+            bad = accelerator.reduce(bad, reduction="sum")
+        now = time.perf_counter()
+        seconds = (now - max(self.t0, log.eval_end)) / max(self.count, 1)
+        self.sums, self.count, self.t0 = {}, 0, now
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"non-finite loss at iteration {step}: {dict(zip(names, values.tolist()))}. Training stopped; "
+                f"{_kept_checkpoint(log.out)} (try a lower --lr, or fp32).")
+        result = dict(zip(names, values.tolist()))
+        log.append("train.jsonl", {"iteration": step, **result, "sec_per_iter": round(seconds, 4)})
+        return result
 
 
-COMPLETE = "COMPLETE"  # written into last.tmp once every process has saved: the folder is whole
+def final_line(state: TrainState, total: int, what: str = "mIoU") -> str:
+    """A run's last log line: done, or stopped by --stop-at short of the schedule (then continued with --resume)."""
+    best = f"best {what} {state.best_miou:.2f} at iteration {state.best_step}"
+    if state.step < total:
+        return f"stopped at {state.step} of {total} iterations ({best} so far); the same command continues it"
+    return f"done: {best}"
 
 
-def _sha256(file: Path, sync: bool = False) -> str:
-    import hashlib
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(f.fileno())  # on disk before the marker says the folder is whole
-    return digest.hexdigest()
+def progress_bar(accelerator, total: int, start: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not accelerator.is_main_process, dynamic_ncols=True,
+                smoothing=0.1, unit="it")
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover_checkpoint(out) -> None:
-    """Bring OUT/checkpoints back to one whole `last` from any state a crash in save_checkpoint can leave:
-    a whole last.tmp (marked COMPLETE) is the newest state and replaces the others; a half-written one is
-    dropped; last.old replaces a missing `last` and is dropped beside a present one. Main process only."""
-    final = checkpoint_dir(out)
-    tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
-    if (tmp / COMPLETE).is_file():
-        for folder in (final, old):
-            if folder.exists():
-                shutil.rmtree(folder)
-        tmp.rename(final)
-        return
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if old.exists():
-        if final.exists():
-            shutil.rmtree(old)
-        else:
-            old.rename(final)
+def total_iterations(args, iters_per_epoch: int) -> int:
+    return args.iters if args.iters is not None else args.epochs * iters_per_epoch
 
 
 def save_checkpoint(accelerator, out) -> None:
@@ -910,21 +763,22 @@ def save_checkpoint(accelerator, out) -> None:
     accelerate's save_state into last.tmp, marked COMPLETE (with the sha256 of every file, all of them synced
     to disk first), then swapped in for `last`; recover_checkpoint resolves every state a crash can leave, so a
     crash or a power loss never loses the previous state nor wedges the run."""
-    final = checkpoint_dir(out)
+    final = cli.checkpoint_dir(out)
     tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
     if accelerator.is_main_process:
-        recover_checkpoint(out)
+        cli.recover_checkpoint(out)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        sums = {str(f.relative_to(tmp)): _sha256(f, sync=True) for f in sorted(tmp.rglob("*")) if f.is_file()}
-        write_atomically(tmp / COMPLETE, json.dumps({"sha256": sums}, indent=1))
-        _fsync_folder(tmp)
+        sums = {str(f.relative_to(tmp)): cli.file_sha256(f, sync=True)
+                for f in sorted(tmp.rglob("*")) if f.is_file()}
+        cli.write_atomically(tmp / cli.COMPLETE, json.dumps({"sha256": sums}, indent=1))
+        cli.fsync_folder(tmp)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
-        _fsync_folder(final.parent)
+        cli.fsync_folder(final.parent)
         if old.exists():
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -954,7 +808,7 @@ def check_finite_state(accelerator, step: int, out) -> None:
 
 
 def _kept_checkpoint(out) -> str:
-    folder = checkpoint_dir(out)
+    folder = cli.checkpoint_dir(out)
     return f"the last good checkpoint is kept in {folder}" if folder.is_dir() else "no checkpoint was written yet"
 
 
@@ -975,11 +829,11 @@ def check_checkpoint_files(accelerator, path: Path) -> None:
     state with an info-level message (an inexact resume): both are refused."""
     from accelerate.utils import load
     try:
-        sums = json.loads((path / COMPLETE).read_text()).get("sha256")
+        sums = json.loads((path / cli.COMPLETE).read_text()).get("sha256")
     except (OSError, ValueError, AttributeError):
         sums = None
     if not isinstance(sums, dict):
-        sys.exit(f"--resume {path}: no {COMPLETE} marker with the checksums of its files (a checkpoint of an older "
+        sys.exit(f"--resume {path}: no {cli.COMPLETE} marker with the checksums of its files (a checkpoint of an older "
                  f"version, or one whose save did not finish): it cannot be verified (start over with --overwrite)")
     expected = set(_expected_checkpoint_files(accelerator))
     state = {n for n in sums if n.startswith(("model", "optimizer", "custom_checkpoint_", "random_states_"))}
@@ -992,8 +846,8 @@ def check_checkpoint_files(accelerator, path: Path) -> None:
         if not file.is_file():
             sys.exit(f"--resume {path}: {name} is missing; the checkpoint is incomplete and a resume would "
                      f"not be exact (start over with --overwrite)")
-        if _sha256(file) != digest:
-            sys.exit(f"--resume {path}: {name} does not match its checksum in {COMPLETE} (truncated or changed "
+        if cli.file_sha256(file) != digest:
+            sys.exit(f"--resume {path}: {name} does not match its checksum in {cli.COMPLETE} (truncated or changed "
                      f"since it was saved); a resume would not be exact (start over with --overwrite)")
         if file.suffix not in (".bin", ".pkl", ".pt"):
             continue  # safetensors holds tensors only
@@ -1011,33 +865,6 @@ def check_checkpoint_files(accelerator, path: Path) -> None:
                      f"states that accelerate saves); a resume would not be exact")
 
 
-def drop_records_after(file: Path, step: int, log) -> None:
-    """Keep the records of iterations <= step in a jsonl log (the later ones are about to be written again);
-    a torn last line (a kill or a full disk during an append) is dropped with a warning, another unreadable
-    line stops the run naming it. Rewritten through a temporary file."""
-    if not file.is_file():
-        return
-    text = file.read_text(errors="replace")
-    lines, kept = text.splitlines(), []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if number < len(lines):
-                sys.exit(f"{file}: line {number} is not a JSON record ({line[:80]!r}); repair or delete it to "
-                         f"continue the run")
-            log.info(f"warning: {file}: dropped its torn last line ({line[:80]!r}), left by an interrupted write")
-            continue
-        if record.get("iteration", 0) <= step:
-            kept.append(line + "\n")
-    if "".join(kept) != text:
-        write_atomically(file, "".join(kept))
-
-
 def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
     """--resume auto: continue OUT/checkpoints/last if present (after recover_checkpoint has resolved what a
     crash mid-save left); PATH: that checkpoint folder (its run's arguments were checked by claim_run_folder);
@@ -1048,9 +875,9 @@ def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
     path = None
     if args.resume == "auto":
         if accelerator.is_main_process:
-            recover_checkpoint(args.out)
+            cli.recover_checkpoint(args.out)
         accelerator.wait_for_everyone()
-        path = checkpoint_dir(args.out) if checkpoint_dir(args.out).is_dir() else None
+        path = cli.checkpoint_dir(args.out) if cli.checkpoint_dir(args.out).is_dir() else None
     elif args.resume != "none":
         path = Path(args.resume)
         if not path.is_dir():
@@ -1067,7 +894,7 @@ def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
     start = state.step if path is not None else 0
     if accelerator.is_main_process:
         for name in ("metrics.jsonl", "train.jsonl"):
-            drop_records_after(Path(args.out) / name, start, log)
+            cli.drop_records_after(Path(args.out) / name, start, log)
     if path is not None:
         log.info(f"resumed from {path} at iteration {start}")
     return start
@@ -1098,6 +925,163 @@ def load_weights(path) -> dict:
                          f"(OUT/model_best.pt), got {type(saved).__name__}"
                          + (f" with keys {sorted(saved)[:5]}" if isinstance(saved, dict) else ""))
     return saved
+
+
+def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, *, model: nn.Module, step: int,
+                            final: bool = False, extra_models: dict | None = None, pseudo_label_fn=None,
+                            probe_net: nn.Module | None = None, probe_rule=None, probe_batch: int | None = None,
+                            extra_record: dict | None = None) -> float:
+    """Evaluate `model` (the method's evaluated network; unwrapped or prepared) at iteration `step`: val mIoU
+    into metrics.jsonl (with `extra_record`), per-class IoU into the log, overlays (`pseudo_label_fn` draws a
+    pseudo-label column), best/last weights, then the full resumable checkpoint. Returns the mIoU.
+    extra_models: networks evaluated and logged only (`miou_<key>`). probe_net, probe_rule, probe_batch: score
+    the pseudo-labels of probe_net on unlabeled training images exactly as it makes them (pseudo_label_probe's
+    network, rule and train_batch). final=True (the last iteration of the schedule) also scores the test split,
+    where the dataset has one, with these last weights (`test_miou`, `test_iou`, `test_miou_<key>`): the figure a
+    run reports, nothing selected on val; `--eval-test every` scores it at every evaluation (a learning curve),
+    `never` not at all."""
+    check_finite_state(accelerator, step, args.out)  # before any weights or checkpoint are written
+    window, present_only = args.crop_size, getattr(data, "miou_over_present", False)
+    result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
+    iou = dict(zip(data.class_names, result["iou"], strict=True))
+    absent = [n for n, v in iou.items() if v is None]
+    record = {"iteration": step, "miou": round(result["miou"], 3), "eval_mode": args.eval_mode,
+              "iou": {n: None if v is None else round(v, 3) for n, v in iou.items()},
+              **({"absent_classes": absent} if absent else {})}
+    if probe_net is not None:
+        record.update(pseudo_label_probe(probe_net, data, accelerator, probe_rule, probe_batch))
+    for name, other in (extra_models or {}).items():
+        record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
+                                                args.eval_mode, window, present_only)["miou"], 3)
+    if data.test_loader is not None and (args.eval_test == "every" or (final and args.eval_test == "end")):
+        test = evaluate(model, data.test_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
+        record.update(test_miou=round(test["miou"], 3),
+                      test_iou={n: None if v is None else round(v, 3) for n, v in zip(data.class_names, test["iou"])})
+        for name, other in (extra_models or {}).items():
+            record[f"test_miou_{name}"] = round(evaluate(other, data.test_loader, accelerator, data.num_classes,
+                                                         args.eval_mode, window, present_only)["miou"], 3)
+    record.update(extra_record or {})
+    improved = result["miou"] > state.best_miou
+    if improved:
+        state.best_miou, state.best_step = result["miou"], step
+    record.update(best_miou=round(state.best_miou, 3), best_iteration=state.best_step)
+    log.append("metrics.jsonl", record)
+    over = f" over the {len(iou) - len(absent)} classes present in val (absent: {', '.join(absent)})" if absent else ""
+    log.info(f"[eval {args.eval_mode}] iteration {step}: mIoU {result['miou']:.2f}{over} (best {state.best_miou:.2f} "
+             f"at {state.best_step})" + "".join(f", {k} {v}" for k, v in record.items()
+                                                if k.startswith(("miou_", "pseudo_", "test_miou"))))
+
+    def per_class(values: dict) -> str:
+        return ", ".join(f"{n} {'absent' if v is None else f'{v:.1f}'}" for n, v in values.items())
+    log.info("  per-class IoU: " + per_class(iou))
+    if "test_iou" in record:
+        log.info(f"  test ({len(data.test_set)} images, last weights): mIoU {record['test_miou']:.2f}; per-class "
+                 "IoU: " + per_class(record["test_iou"]))
+    if args.log_with:
+        accelerator.log({"eval/mIoU": result["miou"], "eval/best_mIoU": state.best_miou,
+                         **{f"eval/{k}": v for k, v in record.items() if k.startswith(("miou_", "pseudo_acc",
+                                                                                       "pseudo_share"))},
+                         **{"test/mIoU" if k == "test_miou" else f"test/{k[5:]}": v for k, v in record.items()
+                            if k.startswith("test_miou")},
+                         **{f"eval/{n}_IoU": v for n, v in iou.items() if v is not None}}, step=step)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        out = Path(args.out)
+        meta = dict(iteration=step, miou=result["miou"], args=vars(args), class_names=list(data.class_names),
+                    palette=[list(c) for c in data.palette])
+        save_weights(unwrapped, out / "model_last.pt", **meta)
+        if improved:
+            save_weights(unwrapped, out / "model_best.pt", **meta)
+        if args.num_overlays > 0:
+            grid = save_overlays(unwrapped, data, out / "overlays" / f"iter_{step:07d}.png", args.num_overlays,
+                                 accelerator.device, pseudo_label_fn)
+            for tracker in accelerator.trackers if grid is not None else []:
+                if tracker.name == "tensorboard":  # TensorBoard wants a batch and its layout, wandb a list
+                    tracker.log_images({"overlays": grid[None]}, step=step, dataformats="NHWC")
+                else:
+                    tracker.log_images({"overlays": [grid]}, step=step)
+    state.step = step
+    save_checkpoint(accelerator, args.out)
+    log.eval_end = time.perf_counter()
+    return result["miou"]
+
+
+@torch.no_grad()
+def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo_label_fn=None):
+    """A PNG grid, one row per val image: image | ground truth | prediction (| pseudo-label), with column titles
+    and a legend of the class colours. Label maps are drawn in flat class colours (white: ignored or, for a
+    pseudo-label, dropped pixels) with nearest-neighbour scaling, so class boundaries stay exact and the file
+    stays small (flat colours compress well in PNG; a CamVid grid of 4 images is about 0.4 MB). Tiles are
+    200-320 pixels wide: small toy images are enlarged, large Cityscapes images reduced. Returns the grid (an
+    H x W x 3 uint8 array, for the trackers), None without val images."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend in a training run
+    from PIL import Image
+    n = min(count, len(data.val_set))
+    if n == 0:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    colours = torch.tensor([*data.palette, (255, 255, 255)], dtype=torch.uint8)  # index num_classes = ignored
+    rows = []
+    for i in [k * len(data.val_set) // n for k in range(n)]:  # spread over val (video frames repeat)
+        sample = data.val_set[i]
+        image = sample["image"].unsqueeze(0).to(device)
+        labels = [sample["mask"], model(image).argmax(1)[0].cpu()]
+        if pseudo_label_fn is not None:
+            labels.append(pseudo_label_fn(image)[0].cpu())
+        labels = [label.where(label < data.num_classes, data.num_classes) for label in labels]
+        rows.append([data.denormalize(sample["image"]).permute(1, 2, 0), *labels])
+    model.train(was_training)
+    titles = ["image", "ground truth", "prediction", "pseudo-label"][:len(rows[0])]
+    height, width = rows[0][0].shape[:2]
+    tile_w = min(max(width, 200), 320)
+    tile_h, gap, top = round(tile_w * height / width), 4, 22  # pixels (the figure is drawn at 100 dpi)
+    fig_w = len(titles) * tile_w + (len(titles) - 1) * gap
+    fig_h = top + n * tile_h + (n - 1) * gap
+    fig = Figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            x, y = c * (tile_w + gap), top + r * (tile_h + gap)  # pixels from the top left corner
+            ax = fig.add_axes((x / fig_w, 1 - (y + tile_h) / fig_h, tile_w / fig_w, tile_h / fig_h))
+            if c == 0:
+                ax.imshow(tile.numpy())
+            else:
+                ax.imshow(colours[tile].numpy(), interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9, pad=4)
+    any_ignored = any(bool((label == data.num_classes).any()) for row in rows for label in row[1:])
+    names = [*data.class_names, "ignored"] if any_ignored else data.class_names
+    grid = np.concatenate([_render(fig, fig_w, fig_h), class_legend(names, colours.tolist(), fig_w)])
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+def class_legend(names: list, palette: list, width: int, scale: float = 1.0) -> np.ndarray:
+    """A legend of class colours (a box and the name per class, about 110 x `scale` pixels an entry and 18 x `scale`
+    a line) as a width-pixel-wide H x W x 3 uint8 array, to put under a picture of label colours."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    columns = max(1, int(width // (110 * scale)))
+    height = round((18 * ((len(names) + columns - 1) // columns) + 8) * scale)
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    entries = [Patch(facecolor=[v / 255 for v in colour], edgecolor="black", linewidth=0.5, label=name)
+               for name, colour in zip(names, palette)]
+    fig.legend(handles=entries, loc="center", ncol=columns, fontsize=8 * scale, frameon=False, handlelength=1.2,
+               columnspacing=1.0, borderaxespad=0.2)
+    return _render(fig, width, height)
+
+
+def _render(fig, width: int, height: int) -> np.ndarray:
+    """A matplotlib figure as an exactly height x width x 3 uint8 array (white where the canvas falls short)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[:pixels.shape[0], :pixels.shape[1]] = pixels
+    return out
 
 
 class Segmenter:
@@ -1191,11 +1175,7 @@ class Segmenter:
         """(first row, probabilities of the rows from there that no later window touches), top to bottom: the
         windows of common.predict's sliding mode, in its order, summed and averaged the same way."""
         h, w = pixels.shape[:2]
-        wh, ww = min(self.window[0], h), min(self.window[1], w)
-        sh, sw = max(1, int(wh * 2 / 3)), max(1, int(ww * 2 / 3))
-        ys = sorted({min(y, h - wh) for y in range(0, h - wh + sh, sh)})
-        xs = sorted({min(x, w - ww) for x in range(0, w - ww + sw, sw)})
-        boxes = [(y, x) for y in ys for x in xs]
+        wh, ww, boxes = sliding_windows(h, w, self.window)
         band_rows = int(self.memory / 2 // ((self.num_classes + 1) * w * 4 * 2))  # accumulator, counts, a copy
         if band_rows < wh:
             raise ValueError(f"one band of windows ({wh} rows) of this {w}-pixel-wide image needs "
@@ -1278,284 +1258,3 @@ def _class_names_and_palette(saved: dict, num_classes: int) -> tuple[list, list]
 def load_segmenter(weights, **options) -> Segmenter:
     """Segmenter(weights, **options): a run's weights (OUT/model_best.pt) as a function from images to label maps."""
     return Segmenter(weights, **options)
-
-
-_LAST_EVAL_END = [0.0]  # wall time at which the last evaluation/checkpoint finished (excluded from speed)
-
-
-class LossMeter:
-    """Running sums of detached loss terms; read (one host sync) only every --log-every iterations. Each read
-    also appends the averages and the training seconds per iteration (evaluation time excluded) to
-    OUT/train.jsonl."""
-
-    def __init__(self):
-        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
-
-    def update(self, **terms: torch.Tensor) -> None:
-        for k, v in terms.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += 1
-
-    def read(self, accelerator, step: int, out) -> dict:
-        """Averages since the last read. Stops the run if any term is NaN/inf on any process; the last good
-        checkpoint (written only after a finite check) stays in place."""
-        if not self.sums:
-            return {}
-        names = list(self.sums)
-        values = torch.stack([self.sums[k] for k in names]) / max(self.count, 1)
-        bad = (~torch.isfinite(values)).any().float()
-        if accelerator.num_processes > 1:
-            bad = accelerator.reduce(bad, reduction="sum")
-        now = time.perf_counter()
-        seconds = (now - max(self.t0, _LAST_EVAL_END[0])) / max(self.count, 1)
-        self.sums, self.count, self.t0 = {}, 0, now
-        if bad.item() > 0:
-            raise FloatingPointError(
-                f"non-finite loss at iteration {step}: {dict(zip(names, values.tolist()))}. Training stopped; "
-                f"{_kept_checkpoint(out)} (try a lower --lr, or fp32).")
-        result = dict(zip(names, values.tolist()))
-        if accelerator.is_main_process:
-            with open(Path(out) / "train.jsonl", "a") as f:
-                f.write(json.dumps({"iteration": step, **result, "sec_per_iter": round(seconds, 4)}) + "\n")
-        return result
-
-
-def final_line(state: TrainState, total: int, what: str = "mIoU") -> str:
-    """A run's last log line: done, or stopped by --stop-at short of the schedule (then continued with --resume)."""
-    best = f"best {what} {state.best_miou:.2f} at iteration {state.best_step}"
-    if state.step < total:
-        return f"stopped at {state.step} of {total} iterations ({best} so far); the same command continues it"
-    return f"done: {best}"
-
-
-def progress_bar(accelerator, total: int, start: int):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, disable=not accelerator.is_main_process, dynamic_ncols=True,
-                smoothing=0.1, unit="it")
-
-
-def total_iterations(args, iters_per_epoch: int) -> int:
-    return args.iters if args.iters is not None else args.epochs * iters_per_epoch
-
-
-@torch.no_grad()
-def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch: int | None = None) -> dict:
-    """How good are a method's pseudo-labels? On a fixed sample of *unlabeled training* images (data.probe_set,
-    ground truth read for this probe only; training never sees it): the share of labeled pixels whose
-    confidence passes the method's rule and the pixel accuracy of those pixels. `rule` is a threshold on the
-    max softmax (pixels >= rule pass) or a function confidence [B,H,W] -> bool mask. The share depends on each
-    method's rule, so the accuracy over *all* labeled pixels (pseudo_acc_all) is logged too: the one figure
-    comparable across methods. `probe_per_class` says which classes the pseudo-labels teach: per ground-truth
-    class its share of all pixels, the share of its pixels that pass and the accuracy of those, and per predicted
-    class its share of all passing pixels (what a loss on the passing pixels trains towards). Default: eval mode,
-    one image at a time. train_batch=B, for a network that labels in train mode: train mode (BN batch statistics)
-    on batches of B probe images (whole images of one size), and every buffer (BN running statistics, counters)
-    restored afterwards, so the probe changes nothing. A last batch of one image would fail in train mode (BN
-    needs more than one value per channel after the image pooling): it joins the batch before it; a process
-    with a single probe image skips it (counted in `probe_skipped`)."""
-    if len(data.probe_set) == 0:
-        return {}
-    was_training = network.training
-    saved = [b.clone() for b in network.buffers()] if train_batch else None
-    network.train(bool(train_batch))
-    # per class: valid, passed, passed and correct, all correct (by ground truth), passed (by predicted label);
-    # sized up front, so a process without probe images adds zeros of the same shape
-    counts = torch.zeros(5, data.num_classes, dtype=torch.float64, device=accelerator.device)
-    mine = list(range(accelerator.process_index, len(data.probe_set), accelerator.num_processes))
-    batches = [mine[k:k + (train_batch or 1)] for k in range(0, len(mine), train_batch or 1)]
-    skipped = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    if train_batch and batches and len(batches[-1]) == 1:
-        last = batches.pop()
-        if batches:
-            batches[-1] += last
-        else:
-            skipped += 1
-    for batch in batches:
-        samples = [data.probe_set[i] for i in batch]
-        image = torch.stack([s["image"] for s in samples]).to(accelerator.device)
-        gt = torch.stack([s["mask"] for s in samples]).to(accelerator.device)
-        with accelerator.autocast():
-            probs = network(image).float().softmax(1)
-        if probs.shape[1] != data.num_classes:
-            raise ValueError(f"pseudo_label_probe: the network predicts {probs.shape[1]} classes, the data has "
-                             f"{data.num_classes}")
-        confidence, label = probs.max(1)
-        valid = gt != IGNORE_INDEX
-        passed = valid & (rule(confidence) if callable(rule) else confidence >= rule)
-        correct = valid & (label == gt)
-        counts += torch.stack([torch.bincount(values, minlength=data.num_classes) for values in (
-            gt[valid], gt[passed], gt[passed & correct], gt[correct], label[passed])]).double()
-    if saved is not None:
-        for b, value in zip(network.buffers(), saved):
-            b.copy_(value)
-    network.train(was_training)
-    if accelerator.num_processes > 1:
-        counts, skipped = accelerator.reduce(counts, reduction="sum"), accelerator.reduce(skipped, reduction="sum")
-    valid, passed, correct, all_correct, _ = counts.sum(1).tolist()
-    names = getattr(data, "class_names", None) or [str(c) for c in range(data.num_classes)]
-    per_class = {name: {"pixels": round(100 * v / max(valid, 1), 3), "share": round(100 * p / max(v, 1), 3),
-                        "acc": round(100 * r / p, 3) if p else None,  # None: no pixel of the class passed
-                        "target_share": round(100 * t / passed, 3) if passed else None}
-                 for name, (v, p, r, _, t) in zip(names, counts.t().tolist(), strict=True)}
-    return {"pseudo_acc": round(100 * correct / max(passed, 1), 3),
-            "pseudo_share": round(100 * passed / max(valid, 1), 3),
-            "pseudo_acc_all": round(100 * all_correct / max(valid, 1), 3), "probe_per_class": per_class,
-            **({"probe_skipped": int(skipped)} if skipped else {})}
-
-
-def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, model: nn.Module,
-                            step: int, extra_models: dict | None = None, pseudo_label_fn=None,
-                            extra_record: dict | None = None, probe: tuple | None = None,
-                            final: bool = False) -> float:
-    """One evaluation of `model` (the method's evaluated network; unwrapped or prepared), plus optional
-    extra networks that are logged only; `probe` = (network that makes the pseudo-labels, its confidence
-    rule[, train_batch for a network that labels in train mode]) scores pseudo-labels on unlabeled training
-    images exactly as that network makes them (pseudo_label_probe); metrics.jsonl,
-    per-class IoU in the log, overlays, best/last weights, then the full resumable checkpoint. Returns mIoU.
-    final=True (the last iteration of the schedule) also scores the test split, where the dataset has one, with
-    these last weights (`test_miou`, `test_iou`, `test_miou_<key>`): the figure a run reports, nothing selected
-    on val; `--eval-test every` scores it at every evaluation (a learning curve), `never` not at all."""
-    check_finite_state(accelerator, step, args.out)  # before any weights or checkpoint are written
-    window, present_only = args.crop_size, getattr(data, "miou_over_present", False)
-    result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
-    iou = dict(zip(data.class_names, result["iou"], strict=True))
-    absent = [n for n, v in iou.items() if v is None]
-    record = {"iteration": step, "miou": round(result["miou"], 3), "eval_mode": args.eval_mode,
-              "iou": {n: None if v is None else round(v, 3) for n, v in iou.items()},
-              **({"absent_classes": absent} if absent else {})}
-    if probe is not None:
-        network, rule, *train_batch = probe
-        record.update(pseudo_label_probe(network, data, accelerator, rule, *train_batch))
-    for name, other in (extra_models or {}).items():
-        record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
-                                                args.eval_mode, window, present_only)["miou"], 3)
-    if data.test_loader is not None and (args.eval_test == "every" or (final and args.eval_test == "end")):
-        test = evaluate(model, data.test_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
-        record.update(test_miou=round(test["miou"], 3),
-                      test_iou={n: None if v is None else round(v, 3) for n, v in zip(data.class_names, test["iou"])})
-        for name, other in (extra_models or {}).items():
-            record[f"test_miou_{name}"] = round(evaluate(other, data.test_loader, accelerator, data.num_classes,
-                                                         args.eval_mode, window, present_only)["miou"], 3)
-    record.update(extra_record or {})
-    improved = result["miou"] > state.best_miou
-    if improved:
-        state.best_miou, state.best_step = result["miou"], step
-    record.update(best_miou=round(state.best_miou, 3), best_iteration=state.best_step)
-    log.metrics(record)
-    over = f" over the {len(iou) - len(absent)} classes present in val (absent: {', '.join(absent)})" if absent else ""
-    log.info(f"[eval {args.eval_mode}] iteration {step}: mIoU {result['miou']:.2f}{over} (best {state.best_miou:.2f} "
-             f"at {state.best_step})" + "".join(f", {k} {v}" for k, v in record.items()
-                                                if k.startswith(("miou_", "pseudo_", "test_miou"))))
-
-    def per_class(values: dict) -> str:
-        return ", ".join(f"{n} {'absent' if v is None else f'{v:.1f}'}" for n, v in values.items())
-    log.info("  per-class IoU: " + per_class(iou))
-    if "test_iou" in record:
-        log.info(f"  test ({len(data.test_set)} images, last weights): mIoU {record['test_miou']:.2f}; per-class "
-                 "IoU: " + per_class(record["test_iou"]))
-    if args.log_with:
-        accelerator.log({"eval/mIoU": result["miou"], "eval/best_mIoU": state.best_miou,
-                         **{f"eval/{k}": v for k, v in record.items() if k.startswith(("miou_", "pseudo_acc",
-                                                                                       "pseudo_share"))},
-                         **{"test/mIoU" if k == "test_miou" else f"test/{k[5:]}": v for k, v in record.items()
-                            if k.startswith("test_miou")},
-                         **{f"eval/{n}_IoU": v for n, v in iou.items() if v is not None}}, step=step)
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        out = Path(args.out)
-        meta = dict(iteration=step, miou=result["miou"], args=vars(args), class_names=list(data.class_names),
-                    palette=[list(c) for c in data.palette])
-        save_weights(unwrapped, out / "model_last.pt", **meta)
-        if improved:
-            save_weights(unwrapped, out / "model_best.pt", **meta)
-        if args.num_overlays > 0:
-            grid = save_overlays(unwrapped, data, out / "overlays" / f"iter_{step:07d}.png", args.num_overlays,
-                                 accelerator.device, pseudo_label_fn)
-            for tracker in accelerator.trackers if grid is not None else []:
-                if tracker.name == "tensorboard":  # TensorBoard wants a batch and its layout, wandb a list
-                    tracker.log_images({"overlays": grid[None]}, step=step, dataformats="NHWC")
-                else:
-                    tracker.log_images({"overlays": [grid]}, step=step)
-    state.step = step
-    save_checkpoint(accelerator, args.out)
-    _LAST_EVAL_END[0] = time.perf_counter()
-    return result["miou"]
-
-
-@torch.no_grad()
-def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo_label_fn=None):
-    """A PNG grid, one row per val image: image | ground truth | prediction (| pseudo-label), with column titles
-    and a legend of the class colours. Label maps are drawn in flat class colours (white: ignored or, for a
-    pseudo-label, dropped pixels) with nearest-neighbour scaling, so class boundaries stay exact and the file
-    stays small (flat colours compress well in PNG; a CamVid grid of 4 images is about 0.4 MB). Tiles are
-    200-320 pixels wide: small toy images are enlarged, large Cityscapes images reduced. Returns the grid (an
-    H x W x 3 uint8 array, for the trackers), None without val images."""
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend in a training run
-    from PIL import Image
-    n = min(count, len(data.val_set))
-    if n == 0:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
-    colours = torch.tensor([*data.palette, (255, 255, 255)], dtype=torch.uint8)  # index num_classes = ignored
-    rows = []
-    for i in [k * len(data.val_set) // n for k in range(n)]:  # spread over val (video frames repeat)
-        sample = data.val_set[i]
-        image = sample["image"].unsqueeze(0).to(device)
-        labels = [sample["mask"], model(image).argmax(1)[0].cpu()]
-        if pseudo_label_fn is not None:
-            labels.append(pseudo_label_fn(image)[0].cpu())
-        labels = [label.where(label < data.num_classes, data.num_classes) for label in labels]
-        rows.append([data.denormalize(sample["image"]).permute(1, 2, 0), *labels])
-    model.train(was_training)
-    titles = ["image", "ground truth", "prediction", "pseudo-label"][:len(rows[0])]
-    height, width = rows[0][0].shape[:2]
-    tile_w = min(max(width, 200), 320)
-    tile_h, gap, top = round(tile_w * height / width), 4, 22  # pixels (the figure is drawn at 100 dpi)
-    fig_w = len(titles) * tile_w + (len(titles) - 1) * gap
-    fig_h = top + n * tile_h + (n - 1) * gap
-    fig = Figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            x, y = c * (tile_w + gap), top + r * (tile_h + gap)  # pixels from the top left corner
-            ax = fig.add_axes((x / fig_w, 1 - (y + tile_h) / fig_h, tile_w / fig_w, tile_h / fig_h))
-            if c == 0:
-                ax.imshow(tile.numpy())
-            else:
-                ax.imshow(colours[tile].numpy(), interpolation="nearest")
-            ax.set_axis_off()
-            if r == 0:
-                ax.set_title(titles[c], fontsize=9, pad=4)
-    any_ignored = any(bool((label == data.num_classes).any()) for row in rows for label in row[1:])
-    names = [*data.class_names, "ignored"] if any_ignored else data.class_names
-    grid = np.concatenate([_render(fig, fig_w, fig_h), class_legend(names, colours.tolist(), fig_w)])
-    Image.fromarray(grid).save(path)
-    return grid
-
-
-def class_legend(names: list, palette: list, width: int, scale: float = 1.0) -> np.ndarray:
-    """A legend of class colours (a box and the name per class, about 110 x `scale` pixels an entry and 18 x `scale`
-    a line) as a width-pixel-wide H x W x 3 uint8 array, to put under a picture of label colours."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-    columns = max(1, int(width // (110 * scale)))
-    height = round((18 * ((len(names) + columns - 1) // columns) + 8) * scale)
-    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
-    entries = [Patch(facecolor=[v / 255 for v in colour], edgecolor="black", linewidth=0.5, label=name)
-               for name, colour in zip(names, palette)]
-    fig.legend(handles=entries, loc="center", ncol=columns, fontsize=8 * scale, frameon=False, handlelength=1.2,
-               columnspacing=1.0, borderaxespad=0.2)
-    return _render(fig, width, height)
-
-
-def _render(fig, width: int, height: int) -> np.ndarray:
-    """A matplotlib figure as an exactly height x width x 3 uint8 array (white where the canvas falls short)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    pixels = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
-    out = np.full((height, width, 3), 255, np.uint8)
-    out[:pixels.shape[0], :pixels.shape[1]] = pixels
-    return out

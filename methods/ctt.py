@@ -381,18 +381,19 @@ def main(argv=None):
         bank_record = bank_diagnostics(done, total, evaluate, banks=banks, state=state, log=log,
                                        accelerator=accelerator, class_names=data.class_names, args=args)
         if done % args.log_every == 0 or evaluate:
-            losses = meter.read(accelerator, done, args.out)
+            losses = meter.read(accelerator, done, log)
             bar.set_postfix(sup=f"{losses['sup_A']:.3f}", ct=f"{losses['ct_A']:.3f}", hc=f"{losses['hc_A']:.3f}",
                             lc=f"{losses['lc_A']:.3f}", on=int(banks.ready), lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
             common.evaluate_and_checkpoint(
-                accelerator, args, state, log, data, students[0], done, final=done == total,
+                accelerator, args, state, log, data, model=students[0], step=done, final=done == total,
                 extra_models={f"student_{PAIR_NAMES[i]}": students[i] for i in range(1, args.pairs)},
                 pseudo_label_fn=lambda image: cross_teacher.eval()(image).argmax(1),
                 # probe rule 0: CE trains on every pixel; the teachers label as in training (BN mode, batch size)
-                probe=(cross_teacher, 0.0, args.unlabeled_batch_size if args.teacher_bn == "train" else None),
+                probe_net=cross_teacher, probe_rule=0.0,
+                probe_batch=args.unlabeled_batch_size if args.teacher_bn == "train" else None,
                 extra_record={**bank_record, **{f"train_{k}": round(v, 4) for k, v in losses.items()}})
             cross_teacher.train(args.teacher_bn == "train")  # the overlays ran the teachers in eval mode
         if done == args.stop_at:

@@ -311,14 +311,15 @@ def main(argv=None):
             log.info(f"end of epoch {epoch} (T{index + 1}, iteration {done}): largest a {a_max:.4f}, "
                      f"teacher lag {lag:.1f} steps (mean over the shift {lag_mean:.1f})")
         if done % args.log_every == 0 or evaluate:
-            losses = meter.read(accelerator, done, args.out)
+            losses = meter.read(accelerator, done, log)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", mix_w=f"{losses['mix_weight']:.2f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
-            common.evaluate_and_checkpoint(accelerator, args, state, log, data, student, done,
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model=student, step=done,
                                            final=done == total, pseudo_label_fn=pseudo_labels,  # probe: as it labels
-                                           probe=(teachers[index], THRESHOLD, args.unlabeled_batch_size),
+                                           probe_net=teachers[index], probe_rule=THRESHOLD,
+                                           probe_batch=args.unlabeled_batch_size,
                                            extra_record={"epoch": epoch, "teacher": f"T{index + 1}",
                                                          "ema_a_max": round(a_max, 5), "teacher_lag": round(lag, 3),
                                                          "teacher_lag_mean": round(lag_mean, 3)})

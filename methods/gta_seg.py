@@ -272,19 +272,19 @@ def main(argv=None):
         done = step + 1
         evaluate = done % eval_every == 0 or done in (total, args.stop_at)
         if done % args.log_every == 0 or evaluate or done == warmup:
-            losses = meter.read(accelerator, done, args.out)
+            losses = meter.read(accelerator, done, log)
             lr = opt_student.param_groups[0]["lr"]  # poly, set by train_step
             bar.set_postfix(lr=f"{lr:.2e}", **{k: f"{v:.3f}" for k, v in losses.items()})
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
             semi = done > warmup  # the student is evaluated in the warm-up epoch, the teacher after (:219-222)
-            common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher if semi else student, done,
-                                           final=done == total,
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model=teacher if semi else student,
+                                           step=done, final=done == total,
                                            extra_models={"student": student, "assistant": assistant},
                                            pseudo_label_fn=pseudo_label_overlay if semi else None,
-                                           probe=(teacher if semi else student,  # kept = above the 20% quantile
-                                                  lambda c: c > percentile(c.flatten(), args.drop_ratio)),
+                                           probe_net=teacher if semi else student,  # kept: above the 20% quantile
+                                           probe_rule=lambda c: c > percentile(c.flatten(), args.drop_ratio),
                                            extra_record={"evaluated": "teacher" if semi else "student"})
         if done == args.stop_at:
             break

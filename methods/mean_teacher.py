@@ -189,15 +189,15 @@ def main(argv=None):
         done = step + 1
         evaluate = done % eval_every == 0 or done in (total, args.stop_at)
         if done % args.log_every == 0 or evaluate:
-            losses = meter.read(accelerator, done, args.out)
+            losses = meter.read(accelerator, done, log)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", passed=f"{losses['passed']:.2f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
-            common.evaluate_and_checkpoint(accelerator, args, state, log, data, teacher, done,
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model=teacher, step=done,
                                            final=done == total,
                                            extra_models={"student": student}, pseudo_label_fn=pseudo_labels,
-                                           probe=(teacher, args.threshold),
+                                           probe_net=teacher, probe_rule=args.threshold,
                                            extra_record={"train_passed": round(losses["passed"], 4)})
         if done == args.stop_at:
             break

@@ -305,17 +305,17 @@ def main(argv=None):
         done = step + 1
         evaluate = done % eval_every == 0 or done in (total, args.stop_at)
         if done % args.log_every == 0 or evaluate:
-            losses = meter.read(accelerator, done, args.out)
+            losses = meter.read(accelerator, done, log)
             bar.set_postfix(loss=f"{losses['loss']:.3f}", cps=f"{losses['loss_cps']:.3f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
             # probe: the senior's pseudo-labels (what the junior learns from) as it makes them, in train mode on
             # batches of the unlabeled batch size; CPS keeps every pixel (threshold 0)
-            common.evaluate_and_checkpoint(accelerator, args, state, log, data, junior, done,
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model=junior, step=done,
                                            final=done == total,
                                            extra_models={"senior": senior_eval}, pseudo_label_fn=senior_pseudo_label,
-                                           probe=(senior_eval, 0.0, args.unlabeled_batch_size))
+                                           probe_net=senior_eval, probe_rule=0.0, probe_batch=args.unlabeled_batch_size)
         if done == args.stop_at:
             break
     bar.close()

@@ -86,14 +86,14 @@ def main(argv=None):
         done = step + 1
         evaluate = done % eval_every == 0 or done in (total, args.stop_at)
         if done % args.log_every == 0 or evaluate:
-            losses = meter.read(accelerator, done, args.out)
+            losses = meter.read(accelerator, done, log)
             bar.set_postfix(loss=f"{losses['loss_sup']:.3f}", lr=f"{lr:.2e}")
             if args.log_with:
                 accelerator.log({"train/lr": lr, **{f"train/{k}": v for k, v in losses.items()}}, step=done)
         if evaluate:
             # probe: the baseline's own predictions under the usual 0.95 rule, the yardstick for the methods
-            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model, done,
-                                           final=done == total, probe=(model, 0.95))
+            common.evaluate_and_checkpoint(accelerator, args, state, log, data, model=model, step=done,
+                                           final=done == total, probe_net=model, probe_rule=0.95)
         if done == args.stop_at:
             break
     bar.close()

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from cli import description  # noqa: E402
+from cli import base_parser, description, resolve_args  # noqa: E402
 import common  # noqa: E402
 from datasets import build_data  # noqa: E402
 
@@ -202,10 +202,10 @@ def loader_rate(dataset_flags, method, workers, batches=40):
     """Iterations per second the labeled + unlabeled streams can deliver, after two epochs of warm-up (the
     image cache of every worker filled)."""
     from accelerate import Accelerator
-    parser = common.base_parser("")
-    args = common.resolve_args(parser, {}, "bench", [*dataset_flags, "--crop-size", "128", "128", "--iters", "1",
-                                                     "--batch-size", str(L), "--unlabeled-batch-size", str(U),
-                                                     "--num-workers", str(workers)])
+    parser = base_parser("")
+    args = resolve_args(parser, {}, "bench", [*dataset_flags, "--crop-size", "128", "128", "--iters", "1",
+                                              "--batch-size", str(L), "--unlabeled-batch-size", str(U),
+                                              "--num-workers", str(workers)])
     mean, std = common.normalization(args.backbone)
     data = build_data(args, Accelerator(), mean, std, need_unlabeled=method != "supervised")
     streams = [data.labeled_stream(0)] + ([data.unlabeled_stream(0)] if method != "supervised" else [])

@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # common and datasets (imported where the montage needs them)
+import cli  # noqa: E402
 from cli import description  # noqa: E402
 
 # Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md).
@@ -150,11 +151,10 @@ def stale(name: str, seed: int) -> bool:
         return True
     if not (folder / "args.json").exists():
         return False
-    import common
     saved = json.loads((folder / "args.json").read_text())
     if saved.get("num_processes", 1) != 1:  # the row's command runs one process (absent: run before it was recorded)
         return True
-    return bool(common.changed_args(expected_args(name, seed), saved, ignore={"data_root", "num_processes"}))
+    return bool(cli.changed_args(expected_args(name, seed), saved, ignore={"data_root", "num_processes"}))
 
 
 def finished(name: str, seed: int) -> bool:

@@ -72,7 +72,7 @@ def accelerator():
 def _saved(accelerator, out: Path, step: int, state) -> Path:
     state.step = step
     common.save_checkpoint(accelerator, out)
-    return common.checkpoint_dir(out)
+    return cli.checkpoint_dir(out)
 
 
 @pytest.mark.parametrize("leftover, expected", [
@@ -534,13 +534,13 @@ def test_sigterm_ends_in_one_line_saying_where_to_continue(tmp_path, capsys):
     KeyboardInterrupt traceback, tried end to end in test_two_runs_on_one_folder_at_once_the_second_is_refused)."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        common._stop_in_one_line_on_signals(tmp_path, True)
+        cli.stop_in_one_line_on_signals(tmp_path, True)
         last = tmp_path / "checkpoints" / "last"
         for saved, expected in ((False, "no checkpoint was written yet; the same command starts the run over"),
                                 (True, f"continue the run from its last checkpoint ({last}) with the same command "
                                        f"(--resume auto)")):
             if saved:
-                common.checkpoint_dir(tmp_path).mkdir(parents=True)
+                cli.checkpoint_dir(tmp_path).mkdir(parents=True)
             with pytest.raises(SystemExit) as stop:
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)  # cut short: the handler raises as the signal arrives
@@ -567,13 +567,13 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning(stopped_run, tmp_path):
 def test_drop_records_after_rewrites_atomically_and_names_a_bad_line(tmp_path, capsys):
     log, file = common.RunLog(tmp_path, True), tmp_path / "metrics.jsonl"
     file.write_text('{"iteration": 2}\n{"iteration": 4}\n{"iteration": 6}\n{"iter')
-    common.drop_records_after(file, 4, log)
+    cli.drop_records_after(file, 4, log)
     assert file.read_text() == '{"iteration": 2}\n{"iteration": 4}\n'
     assert "dropped its torn last line" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "metrics.jsonl"]  # no temporary file left
     file.write_text('{"iteration": 2}\n{"iter\n{"iteration": 4}\n')
     with pytest.raises(SystemExit, match=rf"^{file}: line 2 is not a JSON record"):
-        common.drop_records_after(file, 4, log)
+        cli.drop_records_after(file, 4, log)
 
 
 def test_resume_path_checks_the_arguments_of_the_checkpoints_run(stopped_run, tmp_path):
@@ -605,7 +605,7 @@ def test_resume_after_a_code_change_is_refused_unless_allowed_and_the_commits_ar
     assert "--allow-code-change" in last_line(result)
     run_method("supervised.py", [*RUN, "--out", str(out), "--allow-code-change"])
     commits = json.loads((out / "args.json").read_text())["git_commits"]
-    assert commits == ["0123abc", common.provenance()["git_commits"][0]]
+    assert commits == ["0123abc", cli.provenance()["git_commits"][0]]
     assert [m["iteration"] for m in read_metrics(out)] == [4, 8]
 
 

@@ -334,7 +334,7 @@ def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method:
 
 # ----------------------------------------------------------------------------------------------------------
 # The run folder (common.setup claims it): one run at a time (run.lock), one set of arguments and code
-# (args.json); its files kept whole through kills and crashes (checkpoints, logs)
+# (args.json), a Ctrl-C that says where to continue
 # ----------------------------------------------------------------------------------------------------------
 # Flags that change how a run is driven, never what it computes: they may differ when a run is continued.
 RUN_CONTROL_FLAGS = {"out", "resume", "stop_at", "overwrite", "num_workers", "log_every", "num_overlays", "log_with",
@@ -343,11 +343,6 @@ PROVENANCE_KEYS = {"git_commit", "git_commits", "versions"}
 LOCK_FILE = "run.lock"  # flock-ed by the main process for the run's life: one run per folder at a time
 RUN_FILES = ["checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl", "train.jsonl", "overlays", "log.txt",
              "args.json", LOCK_FILE]
-COMPLETE = "COMPLETE"  # written into checkpoints/last.tmp once every process has saved: the folder is whole
-
-
-def checkpoint_dir(out) -> Path:
-    return Path(out) / "checkpoints" / "last"
 
 
 def provenance() -> dict:
@@ -392,6 +387,182 @@ def changed_args(current: dict, saved: dict, ignore=frozenset()) -> list[str]:
     longer does."""
     keys = (current.keys() | saved.keys()) - RUN_CONTROL_FLAGS - PROVENANCE_KEYS - set(ignore)
     return sorted(k for k in keys if current.get(k, ABSENT) != saved.get(k, ABSENT))
+
+
+def claim_run_folder(args: argparse.Namespace, out: Path, accelerator) -> None:
+    """A run folder belongs to one run at a time (OUT/run.lock) and to one set of arguments. A used folder is
+    continued only with the same arguments (RUN_CONTROL_FLAGS aside; the process count counts) and code (or
+    --allow-code-change), started over only with --overwrite in a folder that holds a run of ours, and never
+    silently replaced; `--resume PATH` is checked against PATH's run the same way. A folder this command creates
+    is removed again if the run stops before writing anything but its arguments and log. The main process
+    decides (and holds the lock); the others stop with its line."""
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            _claim_run_folder(args, out)
+        except SystemExit as stop:
+            refusal = str(stop.code)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        sys.exit(refusal)
+
+
+def _claim_run_folder(args: argparse.Namespace, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        sys.exit(f"--out {out}: is a file, expected a run folder")
+    created, new_lock = not out.exists(), not (out / LOCK_FILE).exists()
+    try:
+        _lock_run_folder(out)
+    except OSError as error:
+        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
+    if created:
+        import atexit
+        atexit.register(_remove_if_unused, out)
+    current = {**json.loads(json.dumps(vars(args), default=str)), **provenance()}
+    try:
+        history, delete = _checked_run_folder(args, out, current)
+    except SystemExit:
+        if new_lock:  # a refused command leaves the folder as it found it
+            (out / LOCK_FILE).unlink(missing_ok=True)
+        raise
+    try:
+        for name in delete:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        write_atomically(out / "args.json", json.dumps({**current, "git_commits": history}, indent=2))
+    except OSError as error:
+        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
+
+
+def _checked_run_folder(args: argparse.Namespace, out: Path, current: dict) -> tuple[list, list]:
+    """The commits the run has run under and the files --overwrite deletes, or exit in one line."""
+    history, delete = current["git_commits"], []
+    if getattr(args, "overwrite", False):
+        delete = [name for name in RUN_FILES if name != LOCK_FILE and (out / name).exists()]
+        if delete and not {"method", "versions"} <= (_saved_args(out) or {}).keys():
+            sys.exit(f"--overwrite: {out} holds no run of this project (no args.json written by a method script) "
+                     f"but {', '.join(delete)}; nothing deleted: choose another --out")
+    elif run_in_folder(out):
+        if args.resume == "none":
+            sys.exit(f"--out {out} holds a run already; continue it with --resume auto, start over there with "
+                     f"--overwrite (deletes it), or choose another --out")
+        history = _same_run(current, out, f"--out {out} holds a run",
+                            "choose another --out, or --overwrite to start over there")
+    if args.resume not in ("auto", "none") and Path(args.resume).is_dir():
+        path = Path(args.resume).resolve()
+        if path.parent.name != "checkpoints":
+            sys.exit(f"--resume {args.resume}: cannot tell which run this checkpoint belongs to, so not whether "
+                     f"its arguments are these (expected OUT/checkpoints/last beside the run's OUT/args.json)")
+        history = _same_run(current, path.parent.parent, f"--resume {args.resume}: the checkpoint's run "
+                            f"{path.parent.parent} ran", "resume it with that run's arguments")
+    return history, delete
+
+
+def _same_run(current: dict, folder: Path, refused: str, fix: str) -> list[str]:
+    """Exit in one line unless the run in `folder` was made with `current`'s arguments (the process count
+    included) by the same code (or --allow-code-change); returns the commits it ran under."""
+    saved = _saved_args(folder)
+    if saved is None:
+        sys.exit(f"{refused} without a readable args.json (a JSON object of its arguments); {fix}")
+    differ = changed_args(current, saved)
+    if differ:
+        change = ", ".join(("processes (accelerate launch --num_processes)" if k == "num_processes" else
+                            f"--{k.replace('_', '-')}") + f" {saved.get(k, ABSENT)} -> {current.get(k, ABSENT)}"
+                           for k in differ)
+        sys.exit(f"{refused} with other arguments ({change}); {fix}")
+    history = saved.get("git_commits")
+    if not isinstance(history, list) or not history:  # args.json of a run made before the history was kept
+        history = [saved.get("git_commit", ABSENT)]
+    code = current["git_commits"][-1]
+    if history[-1] != code and not current.get("allow_code_change"):
+        sys.exit(f"{refused} with other code ({history[-1]} -> {code}): a resume across a code change may not be "
+                 f"exact; pass --allow-code-change to continue anyway (args.json keeps the commits), or {fix}")
+    return history + [code] if history[-1] != code else history
+
+
+def _saved_args(folder: Path) -> dict | None:
+    try:
+        saved = json.loads((folder / "args.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _lock_run_folder(out: Path) -> None:
+    """flock OUT/run.lock for the life of this process (the OS releases it when the process ends, killed or
+    not), or exit naming the folder. The file locked must still be the one at that path: a run that removes
+    its unused folder at exit may unlink it between our open and our lock."""
+    import fcntl
+    for _ in range(3):
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            sys.exit(f"--out {out}: another run is using this folder (process {holder or '?'} holds "
+                     f"{out / LOCK_FILE}); wait for it to end, or choose another --out")
+        try:
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(out / LOCK_FILE)):
+                lock.truncate(0)
+                lock.write(str(os.getpid()))
+                lock.flush()
+                _HELD_LOCKS.append(lock)
+                return
+        except FileNotFoundError:
+            pass
+        lock.close()
+    sys.exit(f"--out {out}: the folder keeps being removed while this run claims it; choose another --out")
+
+
+_HELD_LOCKS = []  # kept open (and so locked) until the process ends
+
+
+def _remove_if_unused(out: Path) -> None:
+    """atexit: a folder created by a run that stopped before its first evaluation (bad input, a crash at
+    start-up) is removed, so that it neither litters nor claims the folder for those arguments."""
+    if out.is_dir() and not run_in_folder(out) and all(p.name in ("args.json", "log.txt", LOCK_FILE)
+                                                       for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def stop_in_one_line_on_signals(out: Path, is_main: bool) -> None:
+    """Ctrl-C (SIGINT) and SIGTERM end the run with one line saying where it can be continued from, instead of
+    a KeyboardInterrupt traceback; the exit status is the shell's 128 + signal number."""
+    import signal
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:  # a loader worker forked from this process: the main process speaks
+            raise KeyboardInterrupt
+        if is_main:
+            from tqdm import tqdm
+            for bar in sorted(getattr(tqdm, "_instances", []), key=lambda bar: -abs(getattr(bar, "pos", 0))):
+                bar.close()  # nested (evaluation) bars first: the bars end their lines, the message has its own
+            folder = checkpoint_dir(out)
+            saved = folder.is_dir() or folder.with_name("last.old").is_dir() or (folder.with_name("last.tmp")
+                                                                                / COMPLETE).is_file()
+            print(f"stopped by {signal.Signals(signum).name}: " + (
+                f"continue the run from its last checkpoint ({folder}) with the same command (--resume auto)"
+                if saved else "no checkpoint was written yet; the same command starts the run over"),
+                file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Its files kept whole through kills, crashes and power losses: atomic writes, the checkpoint folder's states,
+# log records past the checkpoint
+# ----------------------------------------------------------------------------------------------------------
+COMPLETE = "COMPLETE"  # written into checkpoints/last.tmp once every process has saved: the folder is whole
+
+
+def checkpoint_dir(out) -> Path:
+    return Path(out) / "checkpoints" / "last"
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -471,167 +642,3 @@ def drop_records_after(file: Path, step: int, log) -> None:
             kept.append(line + "\n")
     if "".join(kept) != text:
         write_atomically(file, "".join(kept))
-
-
-def _saved_args(folder: Path) -> dict | None:
-    try:
-        saved = json.loads((folder / "args.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return saved if isinstance(saved, dict) else None
-
-
-def _same_run(current: dict, folder: Path, refused: str, fix: str) -> list[str]:
-    """Exit in one line unless the run in `folder` was made with `current`'s arguments (the process count
-    included) by the same code (or --allow-code-change); returns the commits it ran under."""
-    saved = _saved_args(folder)
-    if saved is None:
-        sys.exit(f"{refused} without a readable args.json (a JSON object of its arguments); {fix}")
-    differ = changed_args(current, saved)
-    if differ:
-        change = ", ".join(("processes (accelerate launch --num_processes)" if k == "num_processes" else
-                            f"--{k.replace('_', '-')}") + f" {saved.get(k, ABSENT)} -> {current.get(k, ABSENT)}"
-                           for k in differ)
-        sys.exit(f"{refused} with other arguments ({change}); {fix}")
-    history = saved.get("git_commits")
-    if not isinstance(history, list) or not history:  # args.json of a run made before the history was kept
-        history = [saved.get("git_commit", ABSENT)]
-    code = current["git_commits"][-1]
-    if history[-1] != code and not current.get("allow_code_change"):
-        sys.exit(f"{refused} with other code ({history[-1]} -> {code}): a resume across a code change may not be "
-                 f"exact; pass --allow-code-change to continue anyway (args.json keeps the commits), or {fix}")
-    return history + [code] if history[-1] != code else history
-
-
-def _lock_run_folder(out: Path) -> None:
-    """flock OUT/run.lock for the life of this process (the OS releases it when the process ends, killed or
-    not), or exit naming the folder. The file locked must still be the one at that path: a run that removes
-    its unused folder at exit may unlink it between our open and our lock."""
-    import fcntl
-    for _ in range(3):
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip()
-            lock.close()
-            sys.exit(f"--out {out}: another run is using this folder (process {holder or '?'} holds "
-                     f"{out / LOCK_FILE}); wait for it to end, or choose another --out")
-        try:
-            if os.path.samestat(os.fstat(lock.fileno()), os.stat(out / LOCK_FILE)):
-                lock.truncate(0)
-                lock.write(str(os.getpid()))
-                lock.flush()
-                _HELD_LOCKS.append(lock)
-                return
-        except FileNotFoundError:
-            pass
-        lock.close()
-    sys.exit(f"--out {out}: the folder keeps being removed while this run claims it; choose another --out")
-
-
-_HELD_LOCKS = []  # kept open (and so locked) until the process ends
-
-
-def claim_run_folder(args: argparse.Namespace, out: Path, accelerator) -> None:
-    """A run folder belongs to one run at a time (OUT/run.lock) and to one set of arguments. A used folder is
-    continued only with the same arguments (RUN_CONTROL_FLAGS aside; the process count counts) and code (or
-    --allow-code-change), started over only with --overwrite in a folder that holds a run of ours, and never
-    silently replaced; `--resume PATH` is checked against PATH's run the same way. A folder this command creates
-    is removed again if the run stops before writing anything but its arguments and log. The main process
-    decides (and holds the lock); the others stop with its line."""
-    refusal = None
-    if accelerator.is_main_process:
-        try:
-            _claim_run_folder(args, out)
-        except SystemExit as stop:
-            refusal = str(stop.code)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        sys.exit(refusal)
-
-
-def _claim_run_folder(args: argparse.Namespace, out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        sys.exit(f"--out {out}: is a file, expected a run folder")
-    created, new_lock = not out.exists(), not (out / LOCK_FILE).exists()
-    try:
-        _lock_run_folder(out)
-    except OSError as error:
-        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
-    if created:
-        import atexit
-        atexit.register(_remove_if_unused, out)
-    current = {**json.loads(json.dumps(vars(args), default=str)), **provenance()}
-    try:
-        history, delete = _checked_run_folder(args, out, current)
-    except SystemExit:
-        if new_lock:  # a refused command leaves the folder as it found it
-            (out / LOCK_FILE).unlink(missing_ok=True)
-        raise
-    try:
-        for name in delete:
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-        write_atomically(out / "args.json", json.dumps({**current, "git_commits": history}, indent=2))
-    except OSError as error:
-        sys.exit(f"--out {out}: cannot write the run folder ({error.strerror or error})")
-
-
-def _checked_run_folder(args: argparse.Namespace, out: Path, current: dict) -> tuple[list, list]:
-    """The commits the run has run under and the files --overwrite deletes, or exit in one line."""
-    history, delete = current["git_commits"], []
-    if getattr(args, "overwrite", False):
-        delete = [name for name in RUN_FILES if name != LOCK_FILE and (out / name).exists()]
-        if delete and not {"method", "versions"} <= (_saved_args(out) or {}).keys():
-            sys.exit(f"--overwrite: {out} holds no run of this project (no args.json written by a method script) "
-                     f"but {', '.join(delete)}; nothing deleted: choose another --out")
-    elif run_in_folder(out):
-        if args.resume == "none":
-            sys.exit(f"--out {out} holds a run already; continue it with --resume auto, start over there with "
-                     f"--overwrite (deletes it), or choose another --out")
-        history = _same_run(current, out, f"--out {out} holds a run",
-                            "choose another --out, or --overwrite to start over there")
-    if args.resume not in ("auto", "none") and Path(args.resume).is_dir():
-        path = Path(args.resume).resolve()
-        if path.parent.name != "checkpoints":
-            sys.exit(f"--resume {args.resume}: cannot tell which run this checkpoint belongs to, so not whether "
-                     f"its arguments are these (expected OUT/checkpoints/last beside the run's OUT/args.json)")
-        history = _same_run(current, path.parent.parent, f"--resume {args.resume}: the checkpoint's run "
-                            f"{path.parent.parent} ran", "resume it with that run's arguments")
-    return history, delete
-
-
-def _remove_if_unused(out: Path) -> None:
-    """atexit: a folder created by a run that stopped before its first evaluation (bad input, a crash at
-    start-up) is removed, so that it neither litters nor claims the folder for those arguments."""
-    if out.is_dir() and not run_in_folder(out) and all(p.name in ("args.json", "log.txt", LOCK_FILE)
-                                                       for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)
-
-def stop_in_one_line_on_signals(out: Path, is_main: bool) -> None:
-    """Ctrl-C (SIGINT) and SIGTERM end the run with one line saying where it can be continued from, instead of
-    a KeyboardInterrupt traceback; the exit status is the shell's 128 + signal number."""
-    import signal
-    pid = os.getpid()
-
-    def stop(signum, frame):
-        if os.getpid() != pid:  # a loader worker forked from this process: the main process speaks
-            raise KeyboardInterrupt
-        if is_main:
-            from tqdm import tqdm
-            for bar in sorted(getattr(tqdm, "_instances", []), key=lambda bar: -abs(getattr(bar, "pos", 0))):
-                bar.close()  # nested (evaluation) bars first: the bars end their lines, the message has its own
-            folder = checkpoint_dir(out)
-            saved = folder.is_dir() or folder.with_name("last.old").is_dir() or (folder.with_name("last.tmp")
-                                                                                / COMPLETE).is_file()
-            print(f"stopped by {signal.Signals(signum).name}: " + (
-                f"continue the run from its last checkpoint ({folder}) with the same command (--resume auto)"
-                if saved else "no checkpoint was written yet; the same command starts the run over"),
-                file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, stop)

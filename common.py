@@ -41,15 +41,11 @@ IGNORE_INDEX = 255
 # ==========================================================================================================
 # 1. Model
 # ==========================================================================================================
-
-# ----------------------------------------------------------------------------------------------------------
-# Backbones
-# ----------------------------------------------------------------------------------------------------------
+# ---- Backbones: ResNet and EfficientNet-Lite -------------------------------------------------------------
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     """Stochastic depth per sample: zero the residual branch of a whole sample with probability `rate` and
     scale kept samples by 1/(1-rate), so the expectation is unchanged (Huang et al. 2016); torchvision's
-    'row' mode. (It draws its keep mask with bernoulli_, not the rand() >= rate of our former version: the
-    same distribution, different samples, so Dual Teacher runs differ from those made before the switch.)"""
+    'row' mode."""
     return stochastic_depth(x, rate, "row", training)
 
 
@@ -241,9 +237,11 @@ def _lite_key(key: str) -> str | None:
     return key
 
 
-# ----------------------------------------------------------------------------------------------------------
-# DeepLabv3+
-# ----------------------------------------------------------------------------------------------------------
+# ---- DeepLabv3+ and how it is built ----------------------------------------------------------------------
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
 class ASPP(nn.Module):
     def __init__(self, cin, cout, rates):
         super().__init__()
@@ -252,7 +250,7 @@ class ASPP(nn.Module):
         self.project = _cbr(cout * (len(rates) + 2), cout, 1)
 
     def forward(self, x):
-        pooled = F.interpolate(self.pool(x), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        pooled = upsample(self.pool(x), x.shape[-2:])
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
 
 
@@ -280,14 +278,10 @@ class DeepLabV3Plus(nn.Module):
         """Logits at input resolution; with return_features also the decoder feature (stride 4, before the
         classifier), which CTT and SegKC use."""
         low, high = self.backbone(x)
-        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        high = upsample(self.aspp(high), low.shape[-2:])
         feature = self.fuse(torch.cat([self.reduce(low), high], 1))
         logits = upsample(self.classifier(feature), x.shape[-2:])
         return (logits, feature) if return_features else logits
-
-
-def upsample(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
@@ -390,7 +384,6 @@ def normalization(backbone: str) -> tuple[tuple, tuple]:
     return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-
 # ==========================================================================================================
 # 2. Training pieces
 # ==========================================================================================================
@@ -441,9 +434,7 @@ def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float
     return keep.mean() if keep.numel() else logits.sum() * 0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# EMA
-# ----------------------------------------------------------------------------------------------------------
+# ---- EMA teachers ----------------------------------------------------------------------------------------
 def ema_decay(step: int, cap: float) -> float:
     """The warm-up ramp min(1 - 1/(t+1), cap): t=0 copies the student, later steps approach `cap`."""
     return min(1.0 - 1.0 / (step + 1), cap)
@@ -621,6 +612,7 @@ def pseudo_label_probe(network: nn.Module, data, accelerator, rule, train_batch:
 # ==========================================================================================================
 # 4. Run plumbing: a paper reader may skip from here to the end
 # ==========================================================================================================
+# ---- Set-up, logging and the loop's counters -------------------------------------------------------------
 def setup(args: argparse.Namespace):
     """Accelerator (mixed precision and process count come from `accelerate launch`), per-process seeds,
     the run folder with args.json, and the run log."""
@@ -758,6 +750,7 @@ def total_iterations(args, iters_per_epoch: int) -> int:
     return args.iters if args.iters is not None else args.epochs * iters_per_epoch
 
 
+# ---- Checkpoints, weights and resume ---------------------------------------------------------------------
 def save_checkpoint(accelerator, out) -> None:
     """Full resumable state (prepared networks, optimizers, registered objects, RNG of every process) via
     accelerate's save_state into last.tmp, marked COMPLETE (with the sha256 of every file, all of them synced
@@ -866,12 +859,10 @@ def check_checkpoint_files(accelerator, path: Path) -> None:
 
 
 def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
-    """--resume auto: continue OUT/checkpoints/last if present (after recover_checkpoint has resolved what a
-    crash mid-save left); PATH: that checkpoint folder (its run's arguments were checked by claim_run_folder);
-    none: start fresh. Every file is checked first (check_checkpoint_files). The records of metrics.jsonl and
-    train.jsonl past the iteration started from (written after the checkpoint, before an interruption; all of
-    them when there is no checkpoint) are dropped: they are about to be written again. Returns that
-    iteration."""
+    """--resume auto: continue OUT/checkpoints/last if present (once recover_checkpoint has resolved what a crash
+    mid-save left); PATH: that checkpoint folder (claim_run_folder checked its run's arguments); none: start
+    fresh. Every file is checked first (check_checkpoint_files). Returns the iteration started from; the records
+    of metrics.jsonl and train.jsonl past it (all of them without a checkpoint) are dropped, to be written again."""
     path = None
     if args.resume == "auto":
         if accelerator.is_main_process:
@@ -927,6 +918,7 @@ def load_weights(path) -> dict:
     return saved
 
 
+# ---- One evaluation during training: metrics, overlays, weights, checkpoint ------------------------------
 def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, data, *, model: nn.Module, step: int,
                             final: bool = False, extra_models: dict | None = None, pseudo_label_fn=None,
                             probe_net: nn.Module | None = None, probe_rule=None, probe_batch: int | None = None,
@@ -941,8 +933,11 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
     run reports, nothing selected on val; `--eval-test every` scores it at every evaluation (a learning curve),
     `never` not at all."""
     check_finite_state(accelerator, step, args.out)  # before any weights or checkpoint are written
-    window, present_only = args.crop_size, getattr(data, "miou_over_present", False)
-    result = evaluate(model, data.val_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
+    present_only = getattr(data, "miou_over_present", False)
+
+    def score(network, loader) -> dict:
+        return evaluate(network, loader, accelerator, data.num_classes, args.eval_mode, args.crop_size, present_only)
+    result = score(model, data.val_loader)
     iou = dict(zip(data.class_names, result["iou"], strict=True))
     absent = [n for n, v in iou.items() if v is None]
     record = {"iteration": step, "miou": round(result["miou"], 3), "eval_mode": args.eval_mode,
@@ -951,15 +946,13 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
     if probe_net is not None:
         record.update(pseudo_label_probe(probe_net, data, accelerator, probe_rule, probe_batch))
     for name, other in (extra_models or {}).items():
-        record[f"miou_{name}"] = round(evaluate(other, data.val_loader, accelerator, data.num_classes,
-                                                args.eval_mode, window, present_only)["miou"], 3)
+        record[f"miou_{name}"] = round(score(other, data.val_loader)["miou"], 3)
     if data.test_loader is not None and (args.eval_test == "every" or (final and args.eval_test == "end")):
-        test = evaluate(model, data.test_loader, accelerator, data.num_classes, args.eval_mode, window, present_only)
+        test = score(model, data.test_loader)
         record.update(test_miou=round(test["miou"], 3),
                       test_iou={n: None if v is None else round(v, 3) for n, v in zip(data.class_names, test["iou"])})
         for name, other in (extra_models or {}).items():
-            record[f"test_miou_{name}"] = round(evaluate(other, data.test_loader, accelerator, data.num_classes,
-                                                         args.eval_mode, window, present_only)["miou"], 3)
+            record[f"test_miou_{name}"] = round(score(other, data.test_loader)["miou"], 3)
     record.update(extra_record or {})
     improved = result["miou"] > state.best_miou
     if improved:
@@ -1084,6 +1077,7 @@ def _render(fig, width: int, height: int) -> np.ndarray:
     return out
 
 
+# ---- The Python API: a run's weights as a function from images to label maps -----------------------------
 class Segmenter:
     """A run's saved weights as a function from images to label maps: the Python API (scripts/predict.py is its
     command line).

@@ -387,28 +387,7 @@ def normalization(backbone: str) -> tuple[tuple, tuple]:
 # ==========================================================================================================
 # 2. Training pieces
 # ==========================================================================================================
-def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
-    """Backbone at lr, everything else (ASPP, decoder, classifier, adapters) at lr x head_lr_mult."""
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    return [{"params": backbone, "lr": lr, "lr_mult": 1.0}, {"params": head, "lr": lr * head_lr_mult,
-                                                             "lr_mult": head_lr_mult}]
-
-
-def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total_steps: int,
-            power: float = 0.9) -> float:
-    """lr = base * (1 - step/total)^power per iteration, set by hand (a prepared scheduler would step once per
-    process). Returns the backbone lr."""
-    lr = base_lr * (1 - step / total_steps) ** power
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
-    return lr
-
-
-def sgd(groups: list[dict], lr: float, weight_decay: float = 1e-4, momentum: float = 0.9):
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
+# ---- Losses ----------------------------------------------------------------------------------------------
 def confident_ce(logits: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, valid: torch.Tensor,
                  threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-label CE on the pixels whose teacher confidence is >= threshold, normalised by the number of valid
@@ -465,6 +444,29 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+# ---- Parameter groups, poly LR, SGD ----------------------------------------------------------------------
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
+    """Backbone at lr, everything else (ASPP, decoder, classifier, adapters) at lr x head_lr_mult."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    return [{"params": backbone, "lr": lr, "lr_mult": 1.0}, {"params": head, "lr": lr * head_lr_mult,
+                                                             "lr_mult": head_lr_mult}]
+
+
+def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, step: int, total_steps: int,
+            power: float = 0.9) -> float:
+    """lr = base * (1 - step/total)^power per iteration, set by hand (a prepared scheduler would step once per
+    process). Returns the backbone lr."""
+    lr = base_lr * (1 - step / total_steps) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
+
+
+def sgd(groups: list[dict], lr: float, weight_decay: float = 1e-4, momentum: float = 0.9):
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 # ==========================================================================================================

@@ -523,6 +523,24 @@ def test_loss_meter_averages_and_resets(tmp_path):
     assert record["iteration"] == 2 and record["a"] == pytest.approx(2.0)
 
 
+def test_loss_meter_leaves_the_last_evaluation_out_of_the_speed(tmp_path, monkeypatch):
+    """sec_per_iter counts from the end of the last evaluation and checkpoint (RunLog.eval_end, which
+    evaluate_and_checkpoint sets) when that came after the previous read."""
+    now = [100.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    meter, log = common.LossMeter(), common.RunLog(tmp_path, True)
+    meter.update(a=torch.tensor(1.0))
+    meter.update(a=torch.tensor(1.0))
+    log.eval_end, now[0] = 150.0, 160.0  # an evaluation took 100 -> 150, then two iterations took 10 s
+    meter.read(_fake_accelerator(), 2, log)
+    log.eval_end = 0.0
+    meter.update(a=torch.tensor(1.0))
+    now[0] = 163.0
+    meter.read(_fake_accelerator(), 3, log)
+    speeds = [json.loads(line)["sec_per_iter"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert speeds == [5.0, 3.0]
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_loss_meter_non_finite_raises_naming_iteration(tmp_path, bad):
     meter = common.LossMeter()

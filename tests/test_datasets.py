@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common as common_module
+import cli
 import datasets
 from conftest import ROOT
 
@@ -460,7 +460,7 @@ def test_image_cache_gives_identical_samples_and_reads_each_file_once(tmp_path, 
     strong = datasets.SegmentationSet(pool, "unlabeled", cache=True, **common)
     first, again = strong[(0, [9])], strong[(0, [9])]  # the cached image is not altered by augmentation
     assert torch.equal(first["image_strong"], again["image_strong"])
-    parse = lambda *flags: common_module.resolve_args(common_module.base_parser(""), {}, "t", list(flags))  # noqa
+    parse = lambda *flags: cli.resolve_args(cli.base_parser(""), {}, "t", list(flags))  # noqa
     assert parse("--dataset", "camvid").cache_images is True
     assert parse("--dataset", "camvid", "--no-cache-images").cache_images is False
     assert not parse("--dataset", "toy").cache_images

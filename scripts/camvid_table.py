@@ -13,8 +13,9 @@ shift length), an earlier switch-on (CTT's HC/LC), and the three differences bet
 al.'s code that act on every row (their BN freezing and box, our joint forward).
 
 Runs go to runs/camvid_v3/<row>_s<seed>; a finished run is not repeated, an interrupted one resumes (--resume
-auto), and the report is rewritten after every run. The small files of every finished run (args.json,
-metrics.jsonl, train.jsonl, log.txt, the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/,
+auto), and the report (results/camvid_v3_report.md; the readings are written by hand in results/camvid.md) is
+rewritten after every run. The small files of every finished run (args.json, metrics.jsonl, train.jsonl, log.txt,
+the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/,
 which the report reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's
 archive to rerun it. A run folder records its command (command.txt); one made by another command than its row's,
 or whose args.json is not what that command means today, is never reused. The v2 table (judged on val) is in
@@ -321,7 +322,7 @@ def report(seeds: list, ablation_seeds: list) -> str:
     lines += [" ".join(command(name, s)) for name in ALL for s in (seeds if name in ROWS else ablation_seeds)
               if source(name, s) is not None] + ["```", ""]
     text = "\n".join(lines)
-    (results / "camvid.md").write_text(text)
+    (results / "camvid_v3_report.md").write_text(text)
     plots(data, last, results)
     overlays(seeds[0], results)
     return text

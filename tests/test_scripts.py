@@ -74,7 +74,7 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
                                               "target_share": 10.0}}
         path.write_text("".join(json.dumps(r) + "\n" for r in [*earlier, record]))
     text = camvid_table.report([0, 1, 2], [0, 1])
-    assert text == (tmp_path / "results" / "camvid.md").read_text()
+    assert text == (tmp_path / "results" / "camvid_v3_report.md").read_text()
     row = lambda name: next(x for x in text.splitlines() if x.startswith(f"| {name} |"))  # noqa: E731
     # the headline is the test split (10 below val in these fabricated runs); val beside it
     assert row("supervised_1-8").endswith("| 3/3 | 30.0 / 31.0 / 32.0 | 31.0 ± 1.0 | - | - | 41.0 ± 1.0 | "

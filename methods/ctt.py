@@ -62,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--ct-threshold", type=cli.probability, default=0.968, help="confidence counted in w (Eq. 5)")
     parser.add_argument("--queue-size", type=cli.positive_int, default=128, help="Q per class (paper Table 7)")
     parser.add_argument("--bank-threshold", type=cli.probability, default=0.0, help="bank entry also needs softmax "
-                        ">= this (0: the paper's rule, correct + top-k; 0.95: our earlier confidence-gated entry)")
+                        ">= this (0: the paper's rule, correct + top-k; e.g. 0.95: a confidence-gated entry, ours)")
     parser.add_argument("--gamma", type=cli.probability, default=0.75, help="HC/LC split of pixels (Eq. 7, Table 8)")
     parser.add_argument("--hc-labeled", choices=["confident", "all"], default="confident",
                         help="labeled HC queries: own confidence >= gamma (paper Eq. 7) or all (official code)")

@@ -1,10 +1,11 @@
 """The command line of every method script: the shared flags, their checks, the per-dataset defaults that fill
 the flags left unset, and the run folder a command claims (its lock, args.json, which runs may continue there,
-the states a crash can leave its checkpoint and logs in, Ctrl-C).
+the states a crash can leave its checkpoint and logs in, Ctrl-C), and its checkpoints: written atomically,
+checked file by file before a resume loads them.
 
-Nothing here imports torch, on purpose: each method parses its command line before it imports torch and the rest
-of the project, so `--help` and a mistyped flag answer at once instead of after the seconds that loading torch
-takes.
+Nothing here imports torch at import time, on purpose: each method parses its command line before it imports
+torch and the rest of the project, so `--help` and a mistyped flag answer at once instead of after the seconds
+that loading torch takes.
 """
 from __future__ import annotations
 
@@ -150,8 +151,8 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
     p.add_argument("--dataset", choices=[*DATASET_DEFAULTS], default="voc",
                    help="which dataset; its values fill the flags left unset (listed per dataset below); folder: "
                         "your own data under --data-root (README, 'Your own data')")
-    p.add_argument("--data-root", help="dataset folder (default: data/VOC2012, data/cityscapes, "
-                                       "../shared/data/camvid; unused for toy; required for folder)")
+    p.add_argument("--data-root", help="dataset folder (default: data/VOC2012, data/cityscapes, data/CamVid; "
+                                       "unused for toy; required for folder)")
     p.add_argument("--split", type=split_type,
                    help="labeled subset of the labeled pool: a fraction (1/8), a count (183) or 'full'")
     p.add_argument("--protocol", choices=["classic", "blender"], default="classic",
@@ -310,8 +311,7 @@ def resolve_args(parser: argparse.ArgumentParser, method_defaults: dict, method:
                      "DATA/masks/val, DATA/classes.txt)")
     if args.data_root is None:
         args.data_root = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
-                          "camvid": str(Path(__file__).resolve().parent.parent / "shared/data/camvid"),
-                          "toy": ""}[args.dataset]
+                          "camvid": "data/CamVid", "toy": ""}[args.dataset]
     if len(args.crop_size) not in (1, 2):
         parser.error("--crop-size takes one size (square) or H W")
     args.crop_size = list(args.crop_size) * (2 // len(args.crop_size))
@@ -642,3 +642,119 @@ def drop_records_after(file: Path, step: int, log) -> None:
             kept.append(line + "\n")
     if "".join(kept) != text:
         write_atomically(file, "".join(kept))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing a checkpoint, and checking one before a resume loads it (torch and accelerate imported only here)
+# ----------------------------------------------------------------------------------------------------------
+def save_checkpoint(accelerator, out) -> None:
+    """Full resumable state (prepared networks, optimizers, registered objects, RNG of every process) via
+    accelerate's save_state into last.tmp, marked COMPLETE (with the sha256 of every file, all of them synced
+    to disk first), then swapped in for `last`; recover_checkpoint resolves every state a crash can leave, so a
+    crash or a power loss never loses the previous state nor wedges the run."""
+    final = checkpoint_dir(out)
+    tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
+    if accelerator.is_main_process:
+        recover_checkpoint(out)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        sums = {str(f.relative_to(tmp)): file_sha256(f, sync=True)
+                for f in sorted(tmp.rglob("*")) if f.is_file()}
+        write_atomically(tmp / COMPLETE, json.dumps({"sha256": sums}, indent=1))
+        fsync_folder(tmp)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        fsync_folder(final.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _expected_checkpoint_files(accelerator) -> list[str]:
+    """What accelerate's save_state writes for this run's registered state (load_state reads exactly these),
+    an RNG state per process."""
+    names = [f"model{f'_{i}' if i else ''}.safetensors" for i in range(len(accelerator._models))]
+    names += [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(accelerator._optimizers))]
+    names += [f"custom_checkpoint_{i}.pkl" for i in range(len(accelerator._custom_objects))]
+    return names + [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)]
+
+
+def check_checkpoint_files(accelerator, path: Path) -> None:
+    """Before load_state, in one line on every process: the checkpoint holds this run's state (the files that
+    its networks, optimizers, registered objects and process count make), each file is there with the sha256
+    that COMPLETE recorded, loads as plain tensors and values, and each RNG state is one. Accelerate unpickles
+    registered objects with weights_only=False (a pickle can run code), and skips a missing or unreadable RNG
+    state with an info-level message (an inexact resume): both are refused."""
+    import torch
+    from accelerate.utils import load
+    try:
+        sums = json.loads((path / COMPLETE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        sums = None
+    if not isinstance(sums, dict):
+        sys.exit(f"--resume {path}: no {COMPLETE} marker with the checksums of its files (a checkpoint of an older "
+                 f"version, or one whose save did not finish): it cannot be verified (start over with --overwrite)")
+    expected = set(_expected_checkpoint_files(accelerator))
+    state = {n for n in sums if n.startswith(("model", "optimizer", "custom_checkpoint_", "random_states_"))}
+    if state != expected:
+        sys.exit(f"--resume {path}: the checkpoint holds the state of another method, configuration or process "
+                 f"count (missing: {', '.join(sorted(expected - state)) or 'none'}; not of this run: "
+                 f"{', '.join(sorted(state - expected)) or 'none'})")
+    for name, digest in sorted(sums.items()):
+        file = path / name
+        if not file.is_file():
+            sys.exit(f"--resume {path}: {name} is missing; the checkpoint is incomplete and a resume would "
+                     f"not be exact (start over with --overwrite)")
+        if file_sha256(file) != digest:
+            sys.exit(f"--resume {path}: {name} does not match its checksum in {COMPLETE} (truncated or changed "
+                     f"since it was saved); a resume would not be exact (start over with --overwrite)")
+        if file.suffix not in (".bin", ".pkl", ".pt"):
+            continue  # safetensors holds tensors only
+        try:
+            value = load(file, map_location="cpu", weights_only=True)
+        except Exception as error:
+            kind = "holds objects other than tensors and plain values (refused: unpickling could run code)" \
+                if "weights_only" in str(error).lower() or "weights only" in str(error).lower() else \
+                f"is unreadable ({type(error).__name__})"
+            sys.exit(f"--resume {path}: {file.name} {kind}")
+        rng_state = isinstance(value, dict) and all(isinstance(value.get(key), kind) for key, kind in (
+            ("random_state", tuple), ("numpy_random_seed", tuple), ("torch_manual_seed", torch.Tensor)))
+        if name.startswith("random_states_") and not rng_state:
+            sys.exit(f"--resume {path}: {name} is not an RNG state (expected the Python, NumPy and torch generator "
+                     f"states that accelerate saves); a resume would not be exact")
+
+
+def maybe_resume(accelerator, args, state, log) -> int:
+    """--resume auto: continue OUT/checkpoints/last if present (once recover_checkpoint has resolved what a crash
+    mid-save left); PATH: that checkpoint folder (claim_run_folder checked its run's arguments); none: start
+    fresh. Every file is checked first (check_checkpoint_files). Returns the iteration started from; the records
+    of metrics.jsonl and train.jsonl past it (all of them without a checkpoint) are dropped, to be written again."""
+    path = None
+    if args.resume == "auto":
+        if accelerator.is_main_process:
+            recover_checkpoint(args.out)
+        accelerator.wait_for_everyone()
+        path = checkpoint_dir(args.out) if checkpoint_dir(args.out).is_dir() else None
+    elif args.resume != "none":
+        path = Path(args.resume)
+        if not path.is_dir():
+            sys.exit(f"--resume {args.resume}: no checkpoint folder there (expected OUT/checkpoints/last)")
+    if path is not None:
+        check_checkpoint_files(accelerator, path)
+        try:
+            accelerator.load_state(str(path))
+        except (RuntimeError, KeyError, ValueError) as error:
+            if isinstance(error, RuntimeError) and "state_dict" not in str(error):
+                raise  # not a mismatch of the saved tensors (e.g. out of memory)
+            sys.exit(f"--resume {path}: the checkpoint does not fit this run's networks "
+                     f"({' '.join(str(error).split())[:200]})")
+    start = state.step if path is not None else 0
+    if accelerator.is_main_process:
+        for name in ("metrics.jsonl", "train.jsonl"):
+            drop_records_after(Path(args.out) / name, start, log)
+    if path is not None:
+        log.info(f"resumed from {path} at iteration {start}")
+    return start

@@ -4,8 +4,9 @@
 2. Training pieces: the shared losses, EMA teachers, parameter groups, poly LR and SGD.
 3. Evaluation: confusion matrix and IoU, whole-image and sliding-window prediction, evaluate, and
    pseudo_label_probe (how good a method's pseudo-labels are).
-4. Run plumbing, which a paper reader may skip: setup, logging, checkpoints and resume, evaluate_and_checkpoint,
-   overlays, and the Python API (Segmenter). The command line and the run folder it claims are in cli.py.
+4. Run plumbing, which a paper reader may skip: setup, logging, the finite-state check, inference weights,
+   evaluate_and_checkpoint and the overlays. The command line, the run folder it claims and its checkpoints
+   (save_checkpoint, maybe_resume) are in cli.py; the Python API (load_segmenter) is in scripts/predict.py.
 
 Conventions follow UniMatch (Yang et al., CVPR 2023; `LiheYoung/UniMatch@0324f3d`: its DeepLabv3+, SGD/poly
 recipe and configs) except where a docstring below says otherwise. Choices made here, for every method:
@@ -20,7 +21,6 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -752,33 +752,7 @@ def total_iterations(args, iters_per_epoch: int) -> int:
     return args.iters if args.iters is not None else args.epochs * iters_per_epoch
 
 
-# ---- Checkpoints, weights and resume ---------------------------------------------------------------------
-def save_checkpoint(accelerator, out) -> None:
-    """Full resumable state (prepared networks, optimizers, registered objects, RNG of every process) via
-    accelerate's save_state into last.tmp, marked COMPLETE (with the sha256 of every file, all of them synced
-    to disk first), then swapped in for `last`; recover_checkpoint resolves every state a crash can leave, so a
-    crash or a power loss never loses the previous state nor wedges the run."""
-    final = cli.checkpoint_dir(out)
-    tmp, old = final.with_name("last.tmp"), final.with_name("last.old")
-    if accelerator.is_main_process:
-        cli.recover_checkpoint(out)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        sums = {str(f.relative_to(tmp)): cli.file_sha256(f, sync=True)
-                for f in sorted(tmp.rglob("*")) if f.is_file()}
-        cli.write_atomically(tmp / cli.COMPLETE, json.dumps({"sha256": sums}, indent=1))
-        cli.fsync_folder(tmp)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        cli.fsync_folder(final.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
+# ---- The finite-state check and the inference weights ------------------------------------------------------
 def check_finite_state(accelerator, step: int, out) -> None:
     """Stop before a non-finite state replaces the last good checkpoint: every parameter and buffer of the
     prepared networks and registered modules (EMA teachers), and the optimizers' states. Losses can stay
@@ -805,92 +779,6 @@ def check_finite_state(accelerator, step: int, out) -> None:
 def _kept_checkpoint(out) -> str:
     folder = cli.checkpoint_dir(out)
     return f"the last good checkpoint is kept in {folder}" if folder.is_dir() else "no checkpoint was written yet"
-
-
-def _expected_checkpoint_files(accelerator) -> list[str]:
-    """What accelerate's save_state writes for this run's registered state (load_state reads exactly these),
-    an RNG state per process."""
-    names = [f"model{f'_{i}' if i else ''}.safetensors" for i in range(len(accelerator._models))]
-    names += [f"optimizer{f'_{i}' if i else ''}.bin" for i in range(len(accelerator._optimizers))]
-    names += [f"custom_checkpoint_{i}.pkl" for i in range(len(accelerator._custom_objects))]
-    return names + [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)]
-
-
-def check_checkpoint_files(accelerator, path: Path) -> None:
-    """Before load_state, in one line on every process: the checkpoint holds this run's state (the files that
-    its networks, optimizers, registered objects and process count make), each file is there with the sha256
-    that COMPLETE recorded, loads as plain tensors and values, and each RNG state is one. Accelerate unpickles
-    registered objects with weights_only=False (a pickle can run code), and skips a missing or unreadable RNG
-    state with an info-level message (an inexact resume): both are refused."""
-    from accelerate.utils import load
-    try:
-        sums = json.loads((path / cli.COMPLETE).read_text()).get("sha256")
-    except (OSError, ValueError, AttributeError):
-        sums = None
-    if not isinstance(sums, dict):
-        sys.exit(f"--resume {path}: no {cli.COMPLETE} marker with the checksums of its files (a checkpoint of an older "
-                 f"version, or one whose save did not finish): it cannot be verified (start over with --overwrite)")
-    expected = set(_expected_checkpoint_files(accelerator))
-    state = {n for n in sums if n.startswith(("model", "optimizer", "custom_checkpoint_", "random_states_"))}
-    if state != expected:
-        sys.exit(f"--resume {path}: the checkpoint holds the state of another method, configuration or process "
-                 f"count (missing: {', '.join(sorted(expected - state)) or 'none'}; not of this run: "
-                 f"{', '.join(sorted(state - expected)) or 'none'})")
-    for name, digest in sorted(sums.items()):
-        file = path / name
-        if not file.is_file():
-            sys.exit(f"--resume {path}: {name} is missing; the checkpoint is incomplete and a resume would "
-                     f"not be exact (start over with --overwrite)")
-        if cli.file_sha256(file) != digest:
-            sys.exit(f"--resume {path}: {name} does not match its checksum in {cli.COMPLETE} (truncated or changed "
-                     f"since it was saved); a resume would not be exact (start over with --overwrite)")
-        if file.suffix not in (".bin", ".pkl", ".pt"):
-            continue  # safetensors holds tensors only
-        try:
-            value = load(file, map_location="cpu", weights_only=True)
-        except Exception as error:
-            kind = "holds objects other than tensors and plain values (refused: unpickling could run code)" \
-                if "weights_only" in str(error).lower() or "weights only" in str(error).lower() else \
-                f"is unreadable ({type(error).__name__})"
-            sys.exit(f"--resume {path}: {file.name} {kind}")
-        rng_state = isinstance(value, dict) and all(isinstance(value.get(key), kind) for key, kind in (
-            ("random_state", tuple), ("numpy_random_seed", tuple), ("torch_manual_seed", torch.Tensor)))
-        if name.startswith("random_states_") and not rng_state:
-            sys.exit(f"--resume {path}: {name} is not an RNG state (expected the Python, NumPy and torch generator "
-                     f"states that accelerate saves); a resume would not be exact")
-
-
-def maybe_resume(accelerator, args, state: TrainState, log: RunLog) -> int:
-    """--resume auto: continue OUT/checkpoints/last if present (once recover_checkpoint has resolved what a crash
-    mid-save left); PATH: that checkpoint folder (claim_run_folder checked its run's arguments); none: start
-    fresh. Every file is checked first (check_checkpoint_files). Returns the iteration started from; the records
-    of metrics.jsonl and train.jsonl past it (all of them without a checkpoint) are dropped, to be written again."""
-    path = None
-    if args.resume == "auto":
-        if accelerator.is_main_process:
-            cli.recover_checkpoint(args.out)
-        accelerator.wait_for_everyone()
-        path = cli.checkpoint_dir(args.out) if cli.checkpoint_dir(args.out).is_dir() else None
-    elif args.resume != "none":
-        path = Path(args.resume)
-        if not path.is_dir():
-            sys.exit(f"--resume {args.resume}: no checkpoint folder there (expected OUT/checkpoints/last)")
-    if path is not None:
-        check_checkpoint_files(accelerator, path)
-        try:
-            accelerator.load_state(str(path))
-        except (RuntimeError, KeyError, ValueError) as error:
-            if isinstance(error, RuntimeError) and "state_dict" not in str(error):
-                raise  # not a mismatch of the saved tensors (e.g. out of memory)
-            sys.exit(f"--resume {path}: the checkpoint does not fit this run's networks "
-                     f"({' '.join(str(error).split())[:200]})")
-    start = state.step if path is not None else 0
-    if accelerator.is_main_process:
-        for name in ("metrics.jsonl", "train.jsonl"):
-            cli.drop_records_after(Path(args.out) / name, start, log)
-    if path is not None:
-        log.info(f"resumed from {path} at iteration {start}")
-    return start
 
 
 def save_weights(model: nn.Module, path: Path, **meta) -> None:
@@ -996,7 +884,7 @@ def evaluate_and_checkpoint(accelerator, args, state: TrainState, log: RunLog, d
                 else:
                     tracker.log_images({"overlays": [grid]}, step=step)
     state.step = step
-    save_checkpoint(accelerator, args.out)
+    cli.save_checkpoint(accelerator, args.out)
     log.eval_end = time.perf_counter()
     return result["miou"]
 
@@ -1077,180 +965,3 @@ def _render(fig, width: int, height: int) -> np.ndarray:
     out = np.full((height, width, 3), 255, np.uint8)
     out[:pixels.shape[0], :pixels.shape[1]] = pixels
     return out
-
-
-# ---- The Python API: a run's weights as a function from images to label maps -----------------------------
-class Segmenter:
-    """A run's saved weights as a function from images to label maps: the Python API (scripts/predict.py is its
-    command line).
-
-        segment = common.load_segmenter("runs/supervised_camvid_1-8_s0/model_best.pt")
-        labels = segment("photo.jpg")   # or a PIL image, or an H x W x 3 uint8 array -> H x W uint8 class indices
-
-    Each image is resized by the run's --image-scale (`image_scale` overrides it), classified whole (the run's
-    --eval-mode) or in sliding windows of the run's crop (`window`; auto mode: for images of more than
-    `max_whole_pixels` after the resize), the class probabilities are brought back to the input's size
-    (bilinear) and the argmax is taken there. Sliding windows are streamed, `window_batch` per forward, into an
-    accumulator of the window rows under way; its finished rows become labels strip by strip. So besides the
-    image and its label map, the probabilities held at once stay within `memory_mb` whatever the image's height
-    (a band of window rows grows with the width: an image too wide for `memory_mb` is refused). Bad input raises
-    FileNotFoundError or ValueError naming the file."""
-
-    def __init__(self, weights, device=None, mode="auto", window=None, window_batch=8, max_whole_pixels=1 << 20,
-                 image_scale=None, memory_mb=256.0):
-        saved = load_weights(weights)
-        args = saved["args"]
-        self.num_classes = saved["model"]["classifier.weight"].shape[0]
-        self.class_names, self.palette = _class_names_and_palette(saved, self.num_classes)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = build_model(args["backbone"], self.num_classes, "none", args["output_stride"],
-                                 args["decoder_channels"])
-        try:
-            self.model.load_state_dict(saved["model"])
-        except RuntimeError as error:
-            raise ValueError(f"{weights}: the weights do not fit the network its arguments describe "
-                             f"({' '.join(str(error).split())[:200]})") from None
-        self.model.to(self.device).eval()
-        mean, std = normalization(args["backbone"])
-        self.mean, self.std = (torch.tensor(v, device=self.device).view(3, 1, 1) for v in (mean, std))
-        self.scale = image_scale if image_scale is not None else args.get("image_scale", 1.0)
-        self.window, self.eval_mode = tuple(window or args["crop_size"]), args.get("eval_mode", "whole")
-        self.mode, self.window_batch, self.max_whole_pixels = mode, window_batch, max_whole_pixels
-        self.memory = memory_mb * 2 ** 20
-        if mode not in ("auto", "whole", "sliding") or window_batch < 1 or not self.memory > 0 or not self.scale > 0:
-            raise ValueError(f"expected mode auto/whole/sliding, window_batch >= 1, memory_mb > 0 and image_scale > 0; "
-                             f"got {mode!r}, {window_batch}, {memory_mb}, {self.scale}")
-
-    @staticmethod
-    def read(path):
-        """The image file as 8-bit RGB (datasets.read_image: a 16- or 32-bit image is refused, not clipped)."""
-        from datasets import read_image
-        return read_image(Path(path))
-
-    def mode_for(self, width: int, height: int) -> str:
-        """'whole' or 'sliding' for an image of this size (before the resize)."""
-        if self.mode != "auto":
-            return self.mode
-        pixels = max(1, round(width * self.scale)) * max(1, round(height * self.scale))
-        return "sliding" if pixels > self.max_whole_pixels else self.eval_mode
-
-    @torch.no_grad()
-    def __call__(self, image) -> np.ndarray:
-        from PIL import Image
-        from datasets import require_8_bit
-        if isinstance(image, (str, Path)):
-            image = self.read(image)
-        elif isinstance(image, Image.Image):
-            require_8_bit(image.mode, "the image")
-            image = image.convert("RGB")
-        else:
-            array = np.asarray(image)
-            if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
-                raise ValueError(f"expected an H x W x 3 (or H x W) uint8 array, got {array.dtype} {array.shape}")
-            image = Image.fromarray(array).convert("RGB")
-        width, height = image.size
-        mode = self.mode_for(width, height)
-        if self.scale != 1.0:
-            image = image.resize((max(1, round(width * self.scale)), max(1, round(height * self.scale))),
-                                 Image.BILINEAR)
-        pixels = np.asarray(image)
-        labels = np.empty((height, width), np.uint8)
-        bands = self._whole(pixels) if mode == "whole" else self._sliding(pixels)
-        for first, last, rows in _resized_strips(bands, pixels.shape[:2], (height, width), self.memory / 2):
-            labels[first:last] = rows.argmax(0).cpu().numpy()
-        return labels
-
-    def _normalized(self, pixels) -> torch.Tensor:
-        x = torch.from_numpy(pixels.copy()).to(self.device).permute(2, 0, 1).float() / 255
-        return (x - self.mean) / self.std
-
-    def _whole(self, pixels):
-        yield 0, self.model(self._normalized(pixels)[None]).float().softmax(1)[0]
-
-    def _sliding(self, pixels):
-        """(first row, probabilities of the rows from there that no later window touches), top to bottom: the
-        windows of common.predict's sliding mode, in its order, summed and averaged the same way."""
-        h, w = pixels.shape[:2]
-        wh, ww, boxes = sliding_windows(h, w, self.window)
-        band_rows = int(self.memory / 2 // ((self.num_classes + 1) * w * 4 * 2))  # accumulator, counts, a copy
-        if band_rows < wh:
-            raise ValueError(f"one band of windows ({wh} rows) of this {w}-pixel-wide image needs "
-                             f"{(self.num_classes + 1) * w * wh * 16 / 2 ** 20:.3g} MB, more than the memory limit "
-                             f"({self.memory / 2 ** 20:.3g} MB): raise it or lower the image scale")
-        total = torch.zeros(self.num_classes, 0, w, device=self.device)
-        count = torch.zeros(0, w, device=self.device)
-        top, k = 0, 0
-        while k < len(boxes):
-            end = k + 1  # windows of this forward: at most window_batch, their rows within the band's budget
-            while end < len(boxes) and end - k < self.window_batch and boxes[end][0] + wh - top <= band_rows:
-                end += 1
-            bottom = boxes[end - 1][0] + wh
-            if bottom - top > total.shape[1]:
-                grow = bottom - top - total.shape[1]
-                total = torch.cat([total, total.new_zeros(self.num_classes, grow, w)], 1)
-                count = torch.cat([count, count.new_zeros(grow, w)])
-            crops = torch.stack([self._normalized(pixels[y:y + wh, x:x + ww]) for y, x in boxes[k:end]])
-            for (y, x), p in zip(boxes[k:end], self.model(crops).float().softmax(1)):
-                total[:, y - top:y - top + wh, x:x + ww] += p
-                count[y - top:y - top + wh, x:x + ww] += 1
-            k = end
-            done = boxes[k][0] if k < len(boxes) else h  # rows above the next window are final
-            if done > top:
-                yield top, total[:, :done - top] / count[:done - top]
-                total, count, top = total[:, done - top:], count[done - top:], done
-
-
-def _resized_strips(bands, size, out_size, memory: float):
-    """Probability bands (first row, [K, n, w]) of an h x w map, top to bottom, resized to H x W as
-    upsample() does (bilinear, align_corners=True) and yielded as (first, last, [K, last - first, W]) strips
-    of at most `memory` bytes; a band is kept only until the output rows that need it are out."""
-    (h, w), (H, W) = size, out_size
-
-    def source(n_in, n_out):  # source index pair and weight of every output index, as torch's CPU kernel
-        scale = torch.tensor(float(n_in - 1)) / (n_out - 1) if n_out > 1 else torch.tensor(0.0)
-        real = scale * torch.arange(n_out, dtype=torch.float32)
-        low = real.floor().long().clamp(max=n_in - 1)
-        return low, (low + 1).clamp(max=n_in - 1), (real - low).clamp(0, 1)
-
-    y0, y1, ty = source(h, H)
-    x0, x1, tx = source(w, W)
-    kept, kept_top, first = None, 0, 0
-    for top, band in bands:
-        if (h, w) == (H, W):  # no resize: the band's rows are the output's
-            yield top, top + band.shape[1], band
-            continue
-        kept = band if kept is None else torch.cat([kept, band], 1)
-        available = top + band.shape[1]
-        last = int((y1 < available).sum())  # output rows whose two source rows are in
-        step = max(1, int(memory // (band.shape[0] * W * 4 * 3)))
-        for a in range(first, last, step):
-            b = min(a + step, last)
-            x0d, x1d, txd = x0.to(band.device), x1.to(band.device), tx.to(band.device)
-            r0, r1 = y0[a:b].to(band.device) - kept_top, y1[a:b].to(band.device) - kept_top
-            lower, upper = kept[:, r0], kept[:, r1]
-            lower = lower[:, :, x0d] * (1 - txd) + lower[:, :, x1d] * txd
-            upper = upper[:, :, x0d] * (1 - txd) + upper[:, :, x1d] * txd
-            t = ty[a:b].to(band.device)[None, :, None]
-            yield a, b, lower * (1 - t) + upper * t
-        first = last
-        if first < H:  # drop the source rows no later output row needs
-            keep_from = int(y0[first])
-            kept, kept_top = kept[:, keep_from - kept_top:], keep_from
-
-
-def _class_names_and_palette(saved: dict, num_classes: int) -> tuple[list, list]:
-    """The class names and colours saved with the weights; for weights saved without them, the dataset's own,
-    else class numbers and fixed colours."""
-    if saved.get("class_names") and saved.get("palette"):
-        return list(saved["class_names"]), [tuple(c) for c in saved["palette"]]
-    from datasets import CLASSES
-    names, palette = CLASSES.get(saved["args"].get("dataset"), (None, None))
-    if names is None or len(names) != num_classes:
-        names = [str(c) for c in range(num_classes)]
-        palette = [tuple(np.random.default_rng([7, c]).integers(0, 256, 3).tolist()) for c in range(num_classes)]
-    return list(names), palette
-
-
-def load_segmenter(weights, **options) -> Segmenter:
-    """Segmenter(weights, **options): a run's weights (OUT/model_best.pt) as a function from images to label maps."""
-    return Segmenter(weights, **options)

@@ -360,7 +360,7 @@ def main(argv=None):
     banks = MemoryBanks(args.pairs, data.num_classes, args.queue_size, args.decoder_channels).to(accelerator.device)
     state = common.TrainState()
     accelerator.register_for_checkpointing(*teachers, banks, state)
-    start = common.maybe_resume(accelerator, args, state, log)
+    start = cli.maybe_resume(accelerator, args, state, log)
     state.extra.setdefault("contrast_on_iteration", None)  # HC/LC are in the loss of every later iteration
     cross_teacher = CrossTeacher(teachers).train(args.teacher_bn == "train")
 

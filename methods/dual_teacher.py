@@ -270,7 +270,7 @@ def main(argv=None):
     student, optimizer = accelerator.prepare(student, optimizer)
     state = common.TrainState()
     accelerator.register_for_checkpointing(state, *teachers)
-    start = common.maybe_resume(accelerator, args, state, log)
+    start = cli.maybe_resume(accelerator, args, state, log)
     saved = state.extra.get("iters_per_epoch", args.iters_per_epoch)
     if saved != args.iters_per_epoch:
         sys.exit(f"--resume: the checkpoint used {saved} iterations per epoch, this run {args.iters_per_epoch}; "

@@ -239,7 +239,7 @@ def main(argv=None):
                                                                          opt_assistant)
     state = common.TrainState()
     accelerator.register_for_checkpointing(state, teacher)
-    start = common.maybe_resume(accelerator, args, state, log)
+    start = cli.maybe_resume(accelerator, args, state, log)
     if args.official_code and start > warmup:  # the code's S/A mask predictor link survives in memory only
         share_storage(accelerator.unwrap_model(student), accelerator.unwrap_model(assistant), is_mask_predictor)
 

@@ -168,7 +168,7 @@ def main(argv=None):
     student, optimizer = accelerator.prepare(student, optimizer)
     state = common.TrainState()
     accelerator.register_for_checkpointing(teacher, state)
-    start = common.maybe_resume(accelerator, args, state, log)
+    start = cli.maybe_resume(accelerator, args, state, log)
 
     @torch.no_grad()
     def pseudo_labels(image):  # overlays: the teacher's hard labels (eval mode, as it labels)

@@ -279,7 +279,7 @@ def main(argv=None):
     adapter_s, adapter_j = [accelerator.prepare(a) if a is not None else None for a in (adapter_s, adapter_j)]
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
-    start = common.maybe_resume(accelerator, args, state, log)
+    start = cli.maybe_resume(accelerator, args, state, log)
     senior_eval = accelerator.unwrap_model(senior)
 
     @torch.no_grad()

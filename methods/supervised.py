@@ -71,7 +71,7 @@ def main(argv=None):
     model, optimizer = accelerator.prepare(model, optimizer)
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
-    start = common.maybe_resume(accelerator, args, state, log)
+    start = cli.maybe_resume(accelerator, args, state, log)
 
     # --- training ----------------------------------------------------------------------------------------
     labeled = data.labeled_stream(start)

@@ -229,12 +229,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--dataset", choices=["camvid", "toy"], help="default: camvid if ../shared has it")
+    parser.add_argument("--dataset", choices=["camvid", "toy"], help="default: camvid if --data-root exists, else toy")
+    parser.add_argument("--data-root", default="data/CamVid", help="the CamVid folder (README, 'Data layouts')")
     parser.add_argument("--json", default="results/benchmark.json")
     cli = parser.parse_args()
     if cli.warmup < 1 or cli.iters < 1:  # the isolated passes start at the end of the warm-up
         parser.error(f"--warmup and --iters must be at least 1, got {cli.warmup} and {cli.iters}")
-    camvid = ROOT.parent / "shared" / "data" / "camvid"
+    camvid = Path(cli.data_root).resolve()
     dataset = cli.dataset or ("camvid" if camvid.is_dir() else "toy")
     dataset_flags = ["--dataset", "camvid", "--data-root", str(camvid)] if dataset == "camvid" else ["--dataset", "toy"]
     num_classes = 11 if dataset == "camvid" else 5

@@ -11,6 +11,7 @@ Knobs: --iters (schedule), --head-lr-mult (1: ours so far; 10: UniMatch's VOC re
 configs/pascal.yaml `lr_multi`), the labeled share, --labeled-draw (spread evenly over each video sequence, or
 uniform random as the field's split files), the resolution (--image-scale 0.5 with 96x128 crops, or 1.0 with
 192x256). Everything else is the CamVid CPU setting of cli.DATASET_DEFAULTS (Lite0 ImageNet, decoder 64, batch 8).
+The data is read from --data-root (default data/CamVid).
 
   python scripts/camvid_protocol.py --cells full_h10_i3200 1-8_h10_i3200 --seeds 0 1   # run what is missing
   python scripts/camvid_protocol.py                                                     # rewrite the report only
@@ -45,9 +46,10 @@ def archive_dir(name: str, seed: int) -> Path:
     return ROOT / "results" / "camvid_protocol_runs" / f"{name}_s{seed}"
 
 
-def command(name: str, seed: int) -> list[str]:
+def command(name: str, seed: int, data_root: str = "data/CamVid") -> list[str]:
     cell = parse_cell(name)
-    return [sys.executable, "methods/supervised.py", "--dataset", "camvid", *RESOLUTIONS[cell["res"]],
+    return [sys.executable, "methods/supervised.py", "--dataset", "camvid", "--data-root",
+            str(Path(data_root).resolve()), *RESOLUTIONS[cell["res"]],
             "--iters", str(cell["iters"]), "--eval-every", str(cell["iters"] // 8), "--eval-test", "every",
             "--split", cell["split"], "--head-lr-mult", cell["head"], "--labeled-draw", cell["draw"],
             "--seed", str(seed), "--num-overlays", "0", "--out", str(run_dir(name, seed).relative_to(ROOT))]
@@ -123,13 +125,14 @@ def main():
                                                  "rewrite the grid in results/camvid_protocol.md.")
     parser.add_argument("--cells", nargs="*", default=[], help="cell names, e.g. full_h10_i3200 1-8_h10_i3200")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--data-root", default="data/CamVid", help="the CamVid folder (README, 'Data layouts')")
     cli = parser.parse_args()
     for name in cli.cells:
         parse_cell(name)
     for name in cli.cells:
         for seed in cli.seeds:
             if not finished(name, seed):
-                subprocess.run(command(name, seed), cwd=ROOT, check=True)
+                subprocess.run(command(name, seed, cli.data_root), cwd=ROOT, check=True)
             if not archive_dir(name, seed).exists():
                 archive_dir(name, seed).mkdir(parents=True)
                 for kept in KEPT:

@@ -1,7 +1,7 @@
 """The CamVid table v3: every method, the supervised baselines and the mean-teacher control under one protocol,
 judged on the test split.
 
-Protocol (every run; chosen on supervised runs only, results/camvid_protocol.md): CamVid from ../shared/data/camvid,
+Protocol (every run; chosen on supervised runs only, results/camvid_protocol.md): CamVid from --data-root,
 the labeled share SPLIT drawn by --labeled-draw, EfficientNet-Lite0 with ImageNet weights, decoder 64 channels,
 8 labeled + 8 unlabeled images per iteration, head lr x10, ITERS iterations; val is evaluated every EVAL_EVERY
 iterations for monitoring and the 233 test images once, with the last weights. Each method's own paper settings
@@ -439,6 +439,8 @@ def main():
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation rows")
     parser.add_argument("--rows", nargs="+", default=list(ALL), choices=list(ALL), help="rows to run (in order)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--data-root", default="data/CamVid", help="the CamVid folder (README, 'Data layouts'); where the "
+                        "data lives is not part of a row's command, so it is added to the run, not to command.txt")
     cli = parser.parse_args()
     if not cli.report_only:
         for name in cli.rows:
@@ -451,6 +453,7 @@ def main():
                     continue
                 cmd = command(name, seed)
                 cmd[0] = sys.executable
+                cmd += ["--data-root", str(Path(cli.data_root).resolve())]
                 print("running:", " ".join(cmd), flush=True)
                 out, commit = run_dir(name, seed), git_commit()
                 out.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import description  # noqa: E402
 from datasets import resolve_split, write_split  # noqa: E402
 
-DEFAULT_ROOTS = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes",
-                 "camvid": str(Path(__file__).resolve().parents[2] / "shared/data/camvid"), "toy": ""}
+DEFAULT_ROOTS = {"voc": "data/VOC2012", "cityscapes": "data/cityscapes", "camvid": "data/CamVid", "toy": ""}
 
 
 def main(argv=None) -> int:

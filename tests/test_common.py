@@ -634,27 +634,27 @@ def test_save_checkpoint_is_a_swap_and_resume_prefers_last(accelerator, tmp_path
     accelerator.register_for_checkpointing(state)
     log = common.RunLog(tmp_path, True)
     args = SimpleNamespace(resume="auto", out=str(tmp_path))
-    assert common.maybe_resume(accelerator, args, state, log) == 0  # nothing to resume
+    assert cli.maybe_resume(accelerator, args, state, log) == 0  # nothing to resume
     folder = tmp_path / "checkpoints"
     state.step = 5
-    common.save_checkpoint(accelerator, tmp_path)
+    cli.save_checkpoint(accelerator, tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["last"]
     (folder / "last.tmp").mkdir()  # leftover of a crash during save_state
     (folder / "last.tmp" / "junk").write_text("x")
     state.step = 0
-    assert common.maybe_resume(accelerator, args, state, log) == 5  # the junk is not a candidate
+    assert cli.maybe_resume(accelerator, args, state, log) == 5  # the junk is not a candidate
     state.step = 7
-    common.save_checkpoint(accelerator, tmp_path)  # the leftover is cleared, last replaced
+    cli.save_checkpoint(accelerator, tmp_path)  # the leftover is cleared, last replaced
     assert sorted(p.name for p in folder.iterdir()) == ["last"]
     (folder / "last").rename(folder / "last.old")
     state.step = 0
-    assert common.maybe_resume(accelerator, args, state, log) == 7
+    assert cli.maybe_resume(accelerator, args, state, log) == 7
     assert sorted(p.name for p in folder.iterdir()) == ["last"]  # last.old took the place of the missing last
     args.resume = "none"
-    assert common.maybe_resume(accelerator, args, state, log) == 0
+    assert cli.maybe_resume(accelerator, args, state, log) == 0
     args.resume = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit, match="--resume"):
-        common.maybe_resume(accelerator, args, state, log)
+        cli.maybe_resume(accelerator, args, state, log)
 
 
 def test_crash_during_checkpoint_keeps_a_resumable_state(accelerator, tmp_path, monkeypatch):
@@ -664,7 +664,7 @@ def test_crash_during_checkpoint_keeps_a_resumable_state(accelerator, tmp_path, 
     log = common.RunLog(tmp_path, True)
     args = SimpleNamespace(resume="auto", out=str(tmp_path))
     state.step = 3
-    common.save_checkpoint(accelerator, tmp_path)
+    cli.save_checkpoint(accelerator, tmp_path)
 
     def crash_while_writing(path, *a, **k):
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -675,9 +675,9 @@ def test_crash_during_checkpoint_keeps_a_resumable_state(accelerator, tmp_path, 
         m.setattr(accelerator, "save_state", crash_while_writing)
         state.step = 4
         with pytest.raises(OSError):
-            common.save_checkpoint(accelerator, tmp_path)
+            cli.save_checkpoint(accelerator, tmp_path)
     state.step = 0
-    assert common.maybe_resume(accelerator, args, state, log) == 3
+    assert cli.maybe_resume(accelerator, args, state, log) == 3
 
     real_rename = Path.rename
 
@@ -690,11 +690,11 @@ def test_crash_during_checkpoint_keeps_a_resumable_state(accelerator, tmp_path, 
         m.setattr(Path, "rename", crash_on_swap)
         state.step = 5
         with pytest.raises(OSError):
-            common.save_checkpoint(accelerator, tmp_path)
+            cli.save_checkpoint(accelerator, tmp_path)
     assert not (tmp_path / "checkpoints" / "last").exists()
     state.step = 0
     # last.tmp was whole (COMPLETE) when the swap was cut: it is the newest state and wins over last.old
-    assert common.maybe_resume(accelerator, args, state, log) == 5
+    assert cli.maybe_resume(accelerator, args, state, log) == 5
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last"]
 
 

@@ -1,5 +1,5 @@
 """Bringing your own data (README "Your own data"): the folder dataset and its classes.txt, split lists named and
-recorded, small data end to end with every method, the Python API (common.Segmenter) and its streamed sliding
+recorded, small data end to end with every method, the Python API (scripts/predict.py's Segmenter) and its streamed sliding
 windows, and the interfaces (--stop-at's last line, trackers, --help, the CPU multi-process command)."""
 import hashlib
 import json
@@ -19,6 +19,7 @@ from PIL import Image
 import cli
 import common
 import datasets
+from scripts.predict import load_segmenter
 from conftest import (FOLDER_CLASSES, FOLDER_TINY, ROOT, TINY, _free_port, assert_resume_equivalent,
                       make_folder_dataset, read_metrics, run_method)
 
@@ -270,7 +271,7 @@ def test_readme_python_api_block_runs(toy_weights, tmp_path, monkeypatch):
 
 
 def test_api_takes_paths_images_and_arrays_and_raises_instead_of_exiting(toy_weights, tmp_path):
-    segment = common.load_segmenter(toy_weights, device="cpu")
+    segment = load_segmenter(toy_weights, device="cpu")
     image = datasets.toy_scene(100_002)[0]
     Image.fromarray(image).save(tmp_path / "scene.png")
     from_path = segment(tmp_path / "scene.png")
@@ -280,7 +281,7 @@ def test_api_takes_paths_images_and_arrays_and_raises_instead_of_exiting(toy_wei
         common.load_weights(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: not readable as plain weights"):
-        common.load_segmenter(tmp_path / "junk.pt")
+        load_segmenter(tmp_path / "junk.pt")
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "deep.png")
     with pytest.raises(ValueError, match="deep.png has I"):
         segment(tmp_path / "deep.png")
@@ -314,19 +315,19 @@ def test_streamed_sliding_windows_equal_all_at_once_and_memory_does_not_grow_wit
     tall = np.concatenate([datasets.toy_scene(j)[0] for j in range(8)])  # 512 x 80
     options = dict(device="cpu", mode="sliding", window=(32, 48))
     for scale in (1.0, 0.5):
-        segment = common.load_segmenter(toy_weights, window_batch=1000, image_scale=scale, **options)
+        segment = load_segmenter(toy_weights, window_batch=1000, image_scale=scale, **options)
         resized = Image.fromarray(tall[:256]).resize((round(80 * scale), round(256 * scale)), Image.BILINEAR)
         x = (torch.from_numpy(np.array(resized)).permute(2, 0, 1).float() / 255 - segment.mean) / segment.std
         probs = common.predict(segment.model, x[None], segment.num_classes, "sliding", (32, 48))
         expected = common.upsample(probs, (256, 80)).argmax(1)[0] if scale != 1 else probs.argmax(1)[0]
         assert np.array_equal(segment(tall[:256]), expected.numpy()), scale
-    segment = common.load_segmenter(toy_weights, window_batch=2, memory_mb=0.2, image_scale=0.5, **options)
+    segment = load_segmenter(toy_weights, window_batch=2, memory_mb=0.2, image_scale=0.5, **options)
     batches = []
     segment.model.register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
     small, large = (_largest_tensor_while(lambda: segment(tall[:rows])) for rows in (128, 512))
     assert small == large and max(batches) <= 2
     with pytest.raises(ValueError, match="band of windows"):  # too wide for the limit: refused, not swapped
-        common.load_segmenter(toy_weights, memory_mb=0.01, **options)(np.zeros((64, 4000, 3), np.uint8))
+        load_segmenter(toy_weights, memory_mb=0.01, **options)(np.zeros((64, 4000, 3), np.uint8))
 
 
 def test_predict_one_line_for_an_unwritable_out_and_a_16_bit_image(toy_weights, tmp_path):

@@ -71,7 +71,7 @@ def accelerator():
 
 def _saved(accelerator, out: Path, step: int, state) -> Path:
     state.step = step
-    common.save_checkpoint(accelerator, out)
+    cli.save_checkpoint(accelerator, out)
     return cli.checkpoint_dir(out)
 
 
@@ -108,7 +108,7 @@ def test_every_crash_state_of_the_swap_is_recovered(accelerator, tmp_path, lefto
     shutil.rmtree(folder / "step2")
     args = SimpleNamespace(resume="auto", out=str(tmp_path))
     state.step = 0
-    assert common.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True)) == expected
+    assert cli.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True)) == expected
     assert sorted(p.name for p in folder.iterdir()) == ["last"]
     _saved(accelerator, tmp_path, 3, state)  # the next save is not wedged
     assert sorted(p.name for p in folder.iterdir()) == ["last"]
@@ -688,15 +688,15 @@ def test_checkpoint_of_another_method_or_width_is_one_line(accelerator, tmp_path
     accelerator.register_for_checkpointing(state)
     accelerator.prepare(torch.nn.Linear(2, 3))
     args = SimpleNamespace(resume="auto", out=str(tmp_path))
-    common.save_checkpoint(accelerator, tmp_path)
+    cli.save_checkpoint(accelerator, tmp_path)
     accelerator.register_for_checkpointing(common.TrainState())  # as a method with one more registered object
     with pytest.raises(SystemExit, match=r"holds the state of another method, configuration or process count "
                                          r"\(missing: custom_checkpoint_1.pkl; not of this run: none\)"):
-        common.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True))
+        cli.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True))
     accelerator._custom_objects.pop()
     accelerator._models[0] = torch.nn.Linear(2, 4)  # as a network of another width
     with pytest.raises(SystemExit, match=r"the checkpoint does not fit this run's networks \(.*size mismatch"):
-        common.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True))
+        cli.maybe_resume(accelerator, args, state, common.RunLog(tmp_path, True))
 
 
 def test_every_checkpoint_file_and_the_marker_reach_the_disk_before_the_swap(accelerator, tmp_path, monkeypatch):
@@ -713,7 +713,7 @@ def test_every_checkpoint_file_and_the_marker_reach_the_disk_before_the_swap(acc
         return real_rename(self, target)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Path, "rename", rename)
-    common.save_checkpoint(accelerator, tmp_path)
+    cli.save_checkpoint(accelerator, tmp_path)
     folder = tmp_path / "checkpoints" / "last.tmp"
     swap = events.index(("rename", str(folder)))
     synced = {Path(path).name for kind, path in events[:swap] if kind == "fsync"}

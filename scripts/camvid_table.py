@@ -17,7 +17,8 @@ auto), and the report (results/camvid_v3_report.md; the readings are written by 
 rewritten after every run. The small files of every finished run (args.json, metrics.jsonl, train.jsonl, log.txt,
 the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/,
 which the report reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's
-archive to rerun it. A run folder records its command (command.txt); one made by another command than its row's,
+archive to rerun it. The two supervised rows are the calibration's runs of the chosen cell where it has them
+(results/camvid_protocol_runs/: the same arguments, evaluated on test at every evaluation). A run folder records its command (command.txt); one made by another command than its row's,
 or whose args.json is not what that command means today, is never reused. The v2 table (judged on val) is in
 results/camvid_v2.md with its archives.
 
@@ -42,11 +43,15 @@ sys.path.insert(0, str(ROOT))  # common and datasets (imported where the montage
 import cli  # noqa: E402
 from cli import description  # noqa: E402
 
-# Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md).
-ITERS, EVAL_EVERY, SPLIT, LABELED_DRAW, HEAD_LR_MULT = 3200, 400, "1/8", "spread", "10"
+# Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md; until
+# its choice is written there, these values are the calibration's current candidate, and no row is run).
+ITERS, SPLIT, LABELED_DRAW, HEAD_LR_MULT, RESOLUTION = 3200, "1/8", "spread", "10", "480"
+EVAL_EVERY = ITERS // 8  # as the calibration, so that its supervised runs are this table's (CALIBRATION below)
 TAG = SPLIT.replace("/", "-")
 UNLABELED_PASS = (367 - math.ceil(367 * Fraction(SPLIT))) // 8  # iterations per pass over the unlabeled images
-PROTOCOL = ["--dataset", "camvid", "--image-scale", "0.5", "--crop-size", "96", "128", "--decoder-channels", "64",
+RESOLUTIONS = {"240": ["--image-scale", "0.5", "--crop-size", "96", "128"],  # as scripts/camvid_protocol.py
+               "480": ["--image-scale", "1.0", "--crop-size", "192", "256"]}
+PROTOCOL = ["--dataset", "camvid", *RESOLUTIONS[RESOLUTION], "--decoder-channels", "64",
             "--pretrained", "imagenet", "--batch-size", "8", "--unlabeled-batch-size", "8", "--head-lr-mult",
             HEAD_LR_MULT, "--labeled-draw", LABELED_DRAW, "--iters", str(ITERS), "--eval-every", str(EVAL_EVERY),
             "--num-workers", "2"]
@@ -86,6 +91,11 @@ ABLATIONS = {
                             "paper's rule waits for every class queue to fill)", f"ctt_{TAG}"),
 }
 ALL = {**{k: v[:3] for k, v in ROWS.items()}, **{k: v[:3] for k, v in ABLATIONS.items()}}
+# The supervised rows are the calibration's runs of the chosen cell where it has them (the same arguments: its
+# command differs only in run-control flags such as --eval-test and --num-overlays); see import_calibration.
+_DRAW, _RES = "_random" if LABELED_DRAW == "random" else "", "_480" if RESOLUTION == "480" else ""
+CALIBRATION = {BASELINE: f"{TAG}_h{HEAD_LR_MULT}_i{ITERS}{_DRAW}{_RES}",  # scripts/camvid_protocol.py's cell names
+               "supervised_full": f"full_h{HEAD_LR_MULT}_i{ITERS}{_RES}"}
 # what explains each row, read from the last evaluation of its runs (mean over seeds where numeric)
 DIAGNOSTICS = ["miou_student", "miou_assistant", "miou_senior", "miou_student_B", "pseudo_share",
                "contrast_on_iteration", "contrast_on_share", "banks_ready", "bank_fill_min", "ema_a_max",
@@ -141,13 +151,33 @@ def expected_args(name: str, seed: int) -> dict:
     return json.loads(json.dumps(args, default=str))
 
 
+def import_calibration(name: str, seed: int) -> bool:
+    """Archive the calibration's run of a supervised row as this row's run, if it has one with the arguments the
+    row's command means today (run-control flags aside) and the row has no run yet. calibration.txt names its
+    origin; its command (another script's) is then not compared. Returns whether it was imported."""
+    origin = ROOT / "results" / "camvid_protocol_runs" / f"{CALIBRATION.get(name)}_s{seed}"
+    if name not in CALIBRATION or source(name, seed) is not None or not (origin / "args.json").exists():
+        return False
+    saved = json.loads((origin / "args.json").read_text())
+    if saved.get("num_processes", 1) != 1 or cli.changed_args(expected_args(name, seed), saved,
+                                                               ignore={"data_root", "num_processes"}):
+        return False
+    target = archive_dir(name, seed)
+    target.mkdir(parents=True, exist_ok=True)
+    for file in ("args.json", "metrics.jsonl", "train.jsonl", "log.txt"):
+        shutil.copyfile(origin / file, target / file)
+    (target / "calibration.txt").write_text(f"{origin.relative_to(ROOT)} (scripts/camvid_protocol.py)\n")
+    (target / "commit.txt").write_text(" ".join(saved.get("git_commits", ["unknown"])) + "\n")
+    return True
+
+
 def stale(name: str, seed: int) -> bool:
     """A run folder (or archive) made by another command than this row's current one (flags in any order), or
     whose args.json is not what that command means today (a default changed, a flag was added or removed)."""
     folder = source(name, seed)
     if folder is None:
         return False
-    recorded = recorded_command(folder)
+    recorded = None if (folder / "calibration.txt").exists() else recorded_command(folder)
     if recorded is not None and flag_groups(recorded) != flag_groups(" ".join(command(name, seed))):
         return True
     if not (folder / "args.json").exists():
@@ -277,6 +307,11 @@ def report(seeds: list, ablation_seeds: list) -> str:
                      f"{paired_gain(last[name], last[BASELINE]) if name != BASELINE else '-'} | "
                      f"{paired_gain(last[name], last[CONTROL]) if name not in (BASELINE, CONTROL) else '-'} | "
                      f"{mean_std(list(val[name].values()))} | {mean_std(probe)} | {f'{min(speed):.2f}' if speed else '-'} |")
+    calibrated = [f"{n}_s{s}" for n in CALIBRATION for s in seeds
+                  if source(n, s) is not None and (source(n, s) / "calibration.txt").exists()]
+    if calibrated:
+        lines += ["", "The calibration's own runs (`results/camvid_protocol_runs/`, the same arguments; their "
+                  "calibration.txt names each): " + ", ".join(calibrated)]
     old = [f"{n}_s{s}" for n in ALL for s in (seeds if n in ROWS else ablation_seeds) if stale(n, s)]
     if old:
         lines += ["", "Not shown, made by another command than their row's (delete to rerun): " + ", ".join(old)]
@@ -445,6 +480,8 @@ def main():
     if not cli.report_only:
         for name in cli.rows:
             for seed in cli.seeds if name in ROWS else cli.ablation_seeds:
+                if import_calibration(name, seed):
+                    print(f"{name} seed {seed}: the calibration's run, {archive_dir(name, seed)}", flush=True)
                 if finished(name, seed):
                     continue
                 if stale(name, seed):

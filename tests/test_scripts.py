@@ -141,6 +141,32 @@ def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
         assert camvid_table.stale("dual_teacher_1-8", 0) and not camvid_table.finished("dual_teacher_1-8", 0)
 
 
+def test_the_supervised_rows_are_the_calibrations_runs_when_their_arguments_match(tmp_path, monkeypatch):
+    """scripts/camvid_protocol.py's run of the chosen cell (another script's command, same arguments) is archived
+    as the supervised row's run and counts as finished; one with other arguments (another lr) is not imported,
+    and a row that already has a run keeps it."""
+    monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
+    base, full = camvid_table.BASELINE, "supervised_full"
+    for row, seed, lr_scale in ((base, 0, 1.0), (base, 1, 0.5), (full, 0, 1.0)):
+        origin = tmp_path / "results" / "camvid_protocol_runs" / f"{camvid_table.CALIBRATION[row]}_s{seed}"
+        _fake_run(row, seed, [30.0, 40.0 + seed])
+        origin.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(camvid_table.run_dir(row, seed), origin)
+        args = dict(camvid_table.expected_args(row, seed))
+        (origin / "args.json").write_text(json.dumps({**args, "lr": args["lr"] * lr_scale, "eval_test": "every",
+                                                      "git_commits": ["abc"]}))
+        (origin / "log.txt").write_text("2026-12-07 20:11:09 command: methods/supervised.py --eval-test every\n")
+    _fake_run(full, 0, [30.0, 45.0])  # the row's own run, already there
+    assert camvid_table.import_calibration(base, 0) and not camvid_table.import_calibration(base, 1)
+    assert not camvid_table.import_calibration(full, 0)
+    archived = camvid_table.archive_dir(base, 0)
+    assert (archived / "calibration.txt").read_text().startswith("results/camvid_protocol_runs/")
+    assert camvid_table.finished(base, 0) and not camvid_table.stale(base, 0)
+    assert not camvid_table.finished(base, 1) and camvid_table.source(base, 1) is None
+    text = camvid_table.report([0, 1], [0])
+    assert f"their calibration.txt names each): {base}_s0" in text
+
+
 def test_every_diagnostic_key_is_logged_by_some_method():
     """The table's diagnostics column reads metrics.jsonl keys by name: each must be written by a method."""
     sources = "".join((ROOT / "methods" / f).read_text() for f in

@@ -346,9 +346,10 @@ RUN_FILES = ["checkpoints", "model_best.pt", "model_last.pt", "metrics.jsonl", "
 
 
 def provenance() -> dict:
-    """The code and packages a run used, recorded in args.json: `git_commits` lists every commit the run ran
-    under (uncommitted changes to the Python files a run uses, those outside tests/, named by a hash of their
-    diff: an edit between two resumes is seen too)."""
+    """The code and packages a run used, recorded in args.json: `git_commits` lists every code version the run
+    ran under: the last commit that changed a Python file a run uses (those outside tests/), so that a commit of
+    results or docs alone is not a code change and a run continues across it; uncommitted changes to those files
+    are named by a hash of their diff (an edit between two resumes is seen too)."""
     import hashlib
     import platform
     import subprocess
@@ -358,7 +359,9 @@ def provenance() -> dict:
         return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *arguments], capture_output=True,
                               text=True, timeout=30).stdout
     try:
-        commit, diff = git("rev-parse", "HEAD").strip() or "unknown", git("diff", "HEAD", "--", "*.py", ":!tests")
+        code = ("--", "*.py", ":!tests")
+        commit = git("log", "-1", "--format=%H", *code).strip() or git("rev-parse", "HEAD").strip() or "unknown"
+        diff = git("diff", "HEAD", *code)
         if diff and commit != "unknown":
             commit += f" (with uncommitted changes {hashlib.sha256(diff.encode()).hexdigest()[:12]})"
     except (OSError, subprocess.SubprocessError):

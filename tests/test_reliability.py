@@ -609,6 +609,37 @@ def test_resume_after_a_code_change_is_refused_unless_allowed_and_the_commits_ar
     assert [m["iteration"] for m in read_metrics(out)] == [4, 8]
 
 
+def test_the_code_version_is_the_last_commit_that_changed_code(tmp_path):
+    """A commit of results or docs alone made a run's code version change, so a run stopped by the end of a
+    working session could not continue after its results were committed. The version is the last commit that
+    changed a Python file outside tests/; an uncommitted edit of one is still seen."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "cli.py", repo / "cli.py")
+
+    def git(*arguments):
+        subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *arguments],
+                       check=True, capture_output=True)
+    git("init", "-q")
+    git("add", "cli.py")
+    git("commit", "-q", "-m", "code")
+    spec = importlib.util.spec_from_file_location("cli_in_repo", repo / "cli.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    first = copy.provenance()["git_commits"][0]
+    for path in ("results.md", "tests/test_x.py"):  # results, a test: not the code a run uses
+        (repo / path).parent.mkdir(exist_ok=True)
+        (repo / path).write_text("x = 1\n")
+        git("add", path)
+        git("commit", "-q", "-m", path)
+        assert copy.provenance()["git_commits"][0] == first
+    (repo / "datasets.py").write_text("x = 1\n")
+    git("add", "datasets.py")
+    assert copy.provenance()["git_commits"][0].startswith(f"{first} (with uncommitted changes ")
+    git("commit", "-q", "-m", "more code")
+    assert copy.provenance()["git_commits"][0] not in (first, "unknown")
+
+
 def test_an_args_json_that_is_not_an_object_is_one_line(stopped_run, tmp_path):
     out = copy_of(stopped_run, tmp_path)
     (out / "args.json").write_text("[1, 2]")

@@ -358,9 +358,13 @@ def provenance() -> dict:
     def git(*arguments):
         return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *arguments], capture_output=True,
                               text=True, timeout=30).stdout
+    code = ("--", "*.py", ":!tests")
     try:
-        code = ("--", "*.py", ":!tests")
-        commit = git("log", "-1", "--format=%H", *code).strip() or git("rev-parse", "HEAD").strip() or "unknown"
+        commit = git("rev-list", "-1", "HEAD", *code).strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    try:
+        commit = commit or git("rev-parse", "HEAD").strip() or "unknown"
         diff = git("diff", "HEAD", *code)
         if diff and commit != "unknown":
             commit += f" (with uncommitted changes {hashlib.sha256(diff.encode()).hexdigest()[:12]})"

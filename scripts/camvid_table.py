@@ -18,8 +18,9 @@ rewritten after every run. The small files of every finished run (args.json, met
 the commit it ran from) are archived in results/camvid_runs/<row>_s<seed>/,
 which the report reads when runs/ is gone (a fresh clone) and which also counts as finished: delete a row's
 archive to rerun it. The two supervised rows are the calibration's runs of the chosen cell where it has them
-(results/camvid_protocol_runs/: the same arguments, evaluated on test at every evaluation). A run folder records its command (command.txt); one made by another command than its row's,
-or whose args.json is not what that command means today, is never reused. The v2 table (judged on val) is in
+(results/camvid_protocol_runs/: the same arguments, evaluated on test at every evaluation). A run folder records
+its command (command.txt); one made by another command than its row's, or whose args.json is not what that
+command means today, is never reused. The v2 table (judged on val) is in
 results/camvid_v2.md with its archives.
 
   python scripts/camvid_table.py                                   # every row, seeds 0 1 2, ablations 0 1
@@ -44,7 +45,7 @@ import cli  # noqa: E402
 from cli import description  # noqa: E402
 
 # Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md; until
-# its choice is written there, these values are the calibration's current candidate, and no row is run).
+# its choice is written there, these values are the calibration's current candidate: run no row before it).
 ITERS, SPLIT, LABELED_DRAW, HEAD_LR_MULT, RESOLUTION = 3200, "1/8", "spread", "10", "480"
 EVAL_EVERY = ITERS // 8  # as the calibration, so that its supervised runs are this table's (CALIBRATION below)
 TAG = SPLIT.replace("/", "-")
@@ -201,6 +202,7 @@ def archive(name: str, seed: int, commit: str) -> None:
     for file in ("args.json", "metrics.jsonl", "train.jsonl", "log.txt", "command.txt"):
         if (out / file).exists():
             shutil.copyfile(out / file, target / file)
+    (target / "calibration.txt").unlink(missing_ok=True)  # this row's own run now, not the calibration's
     (target / "commit.txt").write_text(commit + "\n")
 
 
@@ -474,8 +476,9 @@ def main():
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the ablation rows")
     parser.add_argument("--rows", nargs="+", default=list(ALL), choices=list(ALL), help="rows to run (in order)")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--data-root", default="data/CamVid", help="the CamVid folder (README, 'Data layouts'); where the "
-                        "data lives is not part of a row's command, so it is added to the run, not to command.txt")
+    parser.add_argument("--data-root", default="data/CamVid", help="the CamVid folder (README, 'Data layouts'); "
+                        "where the data lives is not part of a row's command: it is added to the run, not to "
+                        "command.txt")
     cli = parser.parse_args()
     if not cli.report_only:
         for name in cli.rows:
@@ -485,8 +488,8 @@ def main():
                 if finished(name, seed):
                     continue
                 if stale(name, seed):
-                    print(f"skipped {name} seed {seed}: {source(name, seed)} was made by another command (its "
-                          "command.txt); delete it to rerun this row", flush=True)
+                    print(f"skipped {name} seed {seed}: {source(name, seed)} was made by another command or with "
+                          "other arguments than the row's today; delete it to rerun this row", flush=True)
                     continue
                 cmd = command(name, seed)
                 cmd[0] = sys.executable

@@ -53,7 +53,7 @@ class Segmenter:
         self.class_names, self.palette = _class_names_and_palette(saved, self.num_classes)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = common.build_model(args["backbone"], self.num_classes, "none", args["output_stride"],
-                                 args["decoder_channels"])
+                                        args["decoder_channels"])
         try:
             self.model.load_state_dict(saved["model"])
         except RuntimeError as error:
@@ -151,7 +151,7 @@ class Segmenter:
 
 def _resized_strips(bands, size, out_size, memory: float):
     """Probability bands (first row, [K, n, w]) of an h x w map, top to bottom, resized to H x W as
-    upsample() does (bilinear, align_corners=True) and yielded as (first, last, [K, last - first, W]) strips
+    common.upsample() does (bilinear, align_corners=True) and yielded as (first, last, [K, last - first, W]) strips
     of at most `memory` bytes; a band is kept only until the output rows that need it are out."""
     (h, w), (H, W) = size, out_size
 
@@ -256,8 +256,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         segment = load_segmenter(args.weights, device=args.device, mode=args.mode, window=args.window,
-                                        window_batch=args.window_batch, max_whole_pixels=args.max_whole_pixels,
-                                        image_scale=args.image_scale, memory_mb=args.memory_mb)
+                                 window_batch=args.window_batch, max_whole_pixels=args.max_whole_pixels,
+                                 image_scale=args.image_scale, memory_mb=args.memory_mb)
     except (OSError, ValueError) as error:
         sys.exit(f"--weights {error}")
     images = list_images(args.images)

@@ -20,6 +20,7 @@ from conftest import ROOT, run_method
 spec = importlib.util.spec_from_file_location("camvid_table", ROOT / "scripts" / "camvid_table.py")
 camvid_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(camvid_table)
+T = camvid_table.TAG  # the labeled share in row names, e.g. 1-30
 
 
 def _fake_run(name, seed, mious, probe_all=None, sec=0.5, archived=False, **last):
@@ -58,16 +59,16 @@ def test_paired_gain_closed_form():
 def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch):
     monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
     for seed, (sup, mt) in enumerate([(40.0, 44.0), (41.0, 45.0), (42.0, 47.0)]):
-        _fake_run("supervised_1-8", seed, [30.0, sup], probe_all=85.0, sec=0.3)
-        _fake_run("mean_teacher_1-8", seed, [35.0, mt], probe_all=88.0, miou_student=mt - 1)
-    _fake_run("ctt_1-8", 0, [20.0, 43.0], archived=True, banks_ready=True, contrast_on_iteration=120)
-    _fake_run("ctt_1-8", 1, [20.0, 30.0])
-    (camvid_table.run_dir("ctt_1-8", 1) / "metrics.jsonl").write_text(json.dumps(  # interrupted at 400
+        _fake_run(f"supervised_{T}", seed, [30.0, sup], probe_all=85.0, sec=0.3)
+        _fake_run(f"mean_teacher_{T}", seed, [35.0, mt], probe_all=88.0, miou_student=mt - 1)
+    _fake_run(f"ctt_{T}", 0, [20.0, 43.0], archived=True, banks_ready=True, contrast_on_iteration=120)
+    _fake_run(f"ctt_{T}", 1, [20.0, 30.0])
+    (camvid_table.run_dir(f"ctt_{T}", 1) / "metrics.jsonl").write_text(json.dumps(  # interrupted at 400
         {"iteration": 400, "miou": 20.0, "best_miou": 20.0, "iou": {"sky": 1.0, "road": 1.0}}) + "\n")
-    _fake_run("ctt_contrast_1-8", 0, [20.0, 41.5])
-    _fake_run("dual_teacher_1-8", 0, [20.0, 42.0], ema_a_max=0.99, teacher_lag=96.57)
+    _fake_run(f"ctt_contrast_{T}", 0, [20.0, 41.5])
+    _fake_run(f"dual_teacher_{T}", 0, [20.0, 42.0], ema_a_max=0.99, teacher_lag=96.57)
     for seed, share in ((0, 30.0), (1, 50.0)):  # the per-class probe, logged by two of the three control seeds
-        path = camvid_table.run_dir("mean_teacher_1-8", seed) / "metrics.jsonl"
+        path = camvid_table.run_dir(f"mean_teacher_{T}", seed) / "metrics.jsonl"
         *earlier, record = [json.loads(x) for x in path.read_text().splitlines()]
         record["probe_per_class"] = {"sky": {"pixels": 60.0, "share": share, "acc": 99.0, "target_share": 90.0},
                                      "road": {"pixels": 40.0, "share": 6.0 * seed, "acc": 10.0 if seed else None,
@@ -77,33 +78,33 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     assert text == (tmp_path / "results" / "camvid_v3_report.md").read_text()
     row = lambda name: next(x for x in text.splitlines() if x.startswith(f"| {name} |"))  # noqa: E731
     # the headline is the test split (10 below val in these fabricated runs); val beside it
-    assert row("supervised_1-8").endswith("| 3/3 | 30.0 / 31.0 / 32.0 | 31.0 ± 1.0 | - | - | 41.0 ± 1.0 | "
+    assert row(f"supervised_{T}").endswith("| 3/3 | 30.0 / 31.0 / 32.0 | 31.0 ± 1.0 | - | - | 41.0 ± 1.0 | "
                                           "85.0 ± 0.0 | 0.30 |")
     # mean teacher: +4, +4, +5 over supervised: 4.3 ± 0.6, beyond the spread
     assert "| 3/3 | 34.0 / 35.0 / 37.0 | 35.3 ± 1.5 | +4.3 ± 0.6 **above** | - | 45.3 ± 1.5 |" in row(
-        "mean_teacher_1-8")
+        f"mean_teacher_{T}")
     # CTT: seed 0 from the archive (runs/ has none), seed 1 unfinished and left out
-    assert "| 1/3 | 33.0 / - / - | 33.0 | +3.0 (1 seed) | -1.0 (1 seed) |" in row("ctt_1-8")
-    assert "| ctt_1-8: -1.5 (1 seed) |" in row("ctt_contrast_1-8")
-    assert "| ctt_1-8 | pseudo_share 50.0; contrast_on_iteration 120.0; banks_ready 1/1 |" in text
-    assert "| mean_teacher_1-8 | miou_student 44.3 ± 1.5; pseudo_share 50.0 ± 0.0 |" in text
+    assert "| 1/3 | 33.0 / - / - | 33.0 | +3.0 (1 seed) | -1.0 (1 seed) |" in row(f"ctt_{T}")
+    assert f"| ctt_{T}: -1.5 (1 seed) |" in row(f"ctt_contrast_{T}")
+    assert f"| ctt_{T} | pseudo_share 50.0; contrast_on_iteration 120.0; banks_ready 1/1 |" in text
+    assert f"| mean_teacher_{T} | miou_student 44.3 ± 1.5; pseudo_share 50.0 ± 0.0 |" in text
     # a decay of 0.99 is not rounded to 1.0 (fractions keep 3 digits), a lag in steps keeps 1
-    assert "| dual_teacher_1-8 | pseudo_share 50.0; ema_a_max 0.990; teacher_lag 96.6 |" in text
-    assert "| supervised_1-8 | 31.0 | 15.5 |" in text  # per-class test IoU, mean over seeds
+    assert f"| dual_teacher_{T} | pseudo_share 50.0; ema_a_max 0.990; teacher_lag 96.6 |" in text
+    assert f"| supervised_{T} | 31.0 | 15.5 |" in text  # per-class test IoU, mean over seeds
     # per-class probe: share passing / accuracy, mean over the seeds that log it; rows without it are left out
     # an accuracy is averaged over the seeds where some pixel of the class passed (road: seed 1 only)
-    assert "| mean_teacher_1-8 | 2 | 40 / 99 | 3 / 10 |" in text and "| supervised_1-8 | 3 |" not in text
-    assert "--seed 0 --out runs/camvid_v3/ctt_1-8_s0" in text and "gta_seg_1-8_s0" not in text
+    assert f"| mean_teacher_{T} | 2 | 40 / 99 | 3 / 10 |" in text and f"| supervised_{T} | 3 |" not in text
+    assert f"--seed 0 --out runs/camvid_v3/ctt_{T}_s0" in text and f"gta_seg_{T}_s0" not in text
     for png in ("camvid_table.png", "camvid_miou.png", "camvid_probe_all.png"):
         assert (tmp_path / "results" / png).is_file(), png
     assert not (tmp_path / "results" / "camvid_overlays.png").exists()  # no run folder holds weights
-    assert camvid_table.finished("ctt_1-8", 0) and not camvid_table.finished("ctt_1-8", 1)
-    camvid_table.archive("supervised_1-8", 0, "abc123")
-    archived = camvid_table.archive_dir("supervised_1-8", 0)
+    assert camvid_table.finished(f"ctt_{T}", 0) and not camvid_table.finished(f"ctt_{T}", 1)
+    camvid_table.archive(f"supervised_{T}", 0, "abc123")
+    archived = camvid_table.archive_dir(f"supervised_{T}", 0)
     assert (archived / "commit.txt").read_text() == "abc123\n" and (archived / "train.jsonl").exists()
     shutil.rmtree(tmp_path / "runs")  # a fresh clone: the archive alone rebuilds the rows it holds
     text = camvid_table.report([0, 1, 2], [0, 1])
-    assert "| 1/3 | 30.0 / - / - | 30.0 |" in row("supervised_1-8") and "| 1/3 | 33.0 / - / - |" in row("ctt_1-8")
+    assert "| 1/3 | 30.0 / - / - | 30.0 |" in row(f"supervised_{T}") and "| 1/3 | 33.0 / - / - |" in row(f"ctt_{T}")
     assert not (tmp_path / "runs").exists()
 
 
@@ -111,34 +112,34 @@ def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
     """A finished run whose command.txt is not its row's current command (e.g. Dual Teacher with the old
     40-iteration shifts under the default row's name) is not finished, not in the table, and named as stale."""
     monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
-    _fake_run("dual_teacher_1-8", 0, [30.0, 50.0])
-    _fake_run("dual_teacher_1-8", 1, [30.0, 48.0])
-    out = camvid_table.run_dir("dual_teacher_1-8", 0)
-    (out / "command.txt").write_text(" ".join(camvid_table.command("dual_teacher_pass_1-8", 0)) + "\n")
-    (camvid_table.run_dir("dual_teacher_1-8", 1) / "command.txt").write_text(
-        " ".join(camvid_table.command("dual_teacher_1-8", 1)) + "\n")
-    assert camvid_table.stale("dual_teacher_1-8", 0) and not camvid_table.finished("dual_teacher_1-8", 0)
-    assert camvid_table.finished("dual_teacher_1-8", 1) and not camvid_table.stale("dual_teacher_1-8", 1)
+    _fake_run(f"dual_teacher_{T}", 0, [30.0, 50.0])
+    _fake_run(f"dual_teacher_{T}", 1, [30.0, 48.0])
+    out = camvid_table.run_dir(f"dual_teacher_{T}", 0)
+    (out / "command.txt").write_text(" ".join(camvid_table.command(f"dual_teacher_pass_{T}", 0)) + "\n")
+    (camvid_table.run_dir(f"dual_teacher_{T}", 1) / "command.txt").write_text(
+        " ".join(camvid_table.command(f"dual_teacher_{T}", 1)) + "\n")
+    assert camvid_table.stale(f"dual_teacher_{T}", 0) and not camvid_table.finished(f"dual_teacher_{T}", 0)
+    assert camvid_table.finished(f"dual_teacher_{T}", 1) and not camvid_table.stale(f"dual_teacher_{T}", 1)
     text = camvid_table.report([0, 1], [0])
-    assert "| 1/2 | - / 38.0 |" in text and "(delete to rerun): dual_teacher_1-8_s0" in text
+    assert "| 1/2 | - / 38.0 |" in text and f"(delete to rerun): dual_teacher_{T}_s0" in text
     # an older archive without command.txt is judged by the command line its log.txt begins with
     (out / "command.txt").unlink()
     (out / "log.txt").write_text("2026-12-02 10:07:47 command: methods/dual_teacher.py --iters-per-epoch 40\n")
-    assert camvid_table.stale("dual_teacher_1-8", 0)
-    script, *flags = camvid_table.command("dual_teacher_1-8", 0)[1:]  # the same flags in another order
+    assert camvid_table.stale(f"dual_teacher_{T}", 0)
+    script, *flags = camvid_table.command(f"dual_teacher_{T}", 0)[1:]  # the same flags in another order
     shuffled = " ".join([script, *flags[-4:], *flags[:-4]])
     (out / "log.txt").write_text(f"2026-12-02 10:07:47 command: {shuffled}\n2026-12-02 10:07:48 processes: 1\n")
-    assert not camvid_table.stale("dual_teacher_1-8", 0) and camvid_table.finished("dual_teacher_1-8", 0)
+    assert not camvid_table.stale(f"dual_teacher_{T}", 0) and camvid_table.finished(f"dual_teacher_{T}", 0)
     # the same command, but its args.json says a default it no longer has (or lacks a flag it has now): stale
-    today = dict(camvid_table.expected_args("dual_teacher_1-8", 0))
+    today = dict(camvid_table.expected_args(f"dual_teacher_{T}", 0))
     (out / "args.json").write_text(json.dumps({**today, "data_root": "/elsewhere", "out": "x", "versions": {}}))
-    assert not camvid_table.stale("dual_teacher_1-8", 0)  # machine-local and provenance keys do not count
+    assert not camvid_table.stale(f"dual_teacher_{T}", 0)  # machine-local and provenance keys do not count
     for processes, stale in ((1, False), (2, True)):  # the row's command runs one process
         (out / "args.json").write_text(json.dumps({**today, "num_processes": processes}))
-        assert camvid_table.stale("dual_teacher_1-8", 0) == stale
+        assert camvid_table.stale(f"dual_teacher_{T}", 0) == stale
     for changed in ({**today, "lr": today["lr"] / 2}, {k: v for k, v in today.items() if k != "ema_step"}):
         (out / "args.json").write_text(json.dumps(changed))
-        assert camvid_table.stale("dual_teacher_1-8", 0) and not camvid_table.finished("dual_teacher_1-8", 0)
+        assert camvid_table.stale(f"dual_teacher_{T}", 0) and not camvid_table.finished(f"dual_teacher_{T}", 0)
 
 
 def test_the_supervised_rows_are_the_calibrations_runs_when_their_arguments_match(tmp_path, monkeypatch):
@@ -220,7 +221,7 @@ def test_overlay_montage_shows_every_rows_prediction_on_the_same_val_images(tmp_
     results = tmp_path / "results"
     results.mkdir()
     montage = results / "camvid_overlays.png"
-    for count, name in enumerate(("supervised_1-8", "ctt_1-8"), 1):
+    for count, name in enumerate((f"supervised_{T}", f"ctt_{T}"), 1):
         camvid_table.run_dir(name, 0).mkdir(parents=True)
         shutil.copyfile(run / "model_last.pt", camvid_table.run_dir(name, 0) / "model_last.pt")
         camvid_table.overlays(0, results)

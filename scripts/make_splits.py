@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli  # noqa: E402
 from cli import description  # noqa: E402
 from datasets import resolve_split, write_split  # noqa: E402
 
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=description(__doc__))
     parser.add_argument("--dataset", choices=["voc", "cityscapes", "camvid", "toy", "folder"], required=True)
     parser.add_argument("--data-root", help="dataset folder (default as the method scripts)")
-    parser.add_argument("--split", default="1/8", help="a fraction (1/8), a count (183) or 'full'")
+    parser.add_argument("--split", help="a fraction (1/8), a count (183) or 'full' (default: the methods' for the "
+                                        "dataset: 1/8; CamVid 1/30; folder full)")
     parser.add_argument("--protocol", choices=["classic", "blender"], default="classic",
                         help="VOC only: classic (labels from the 1,464 fine images) or blender (from all 10,582)")
     parser.add_argument("--seed", type=int, default=0)
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
         parser.error("--dataset folder needs --data-root")
     if args.data_root is None:
         args.data_root = DEFAULT_ROOTS[args.dataset]
+    args.split = args.split or cli.DATASET_DEFAULTS[args.dataset]["split"]
     args.split_dir = None  # draw the split, do not read one
     if args.out_dir is None:
         tag = (f"{args.protocol}_" if args.dataset == "voc" else "") + args.split.replace("/", "-")

@@ -6,7 +6,7 @@ class-index PNG and one colour overlay PNG per image, both at the input's size.
 Writes OUT/labels/<name>.png (palette PNG: each pixel's value is its class index, and image viewers show the
 dataset's class colours) and OUT/overlays/<name>.png (the image with the class colours blended over it, and a
 legend of the classes below it). The command line of Segmenter, the Python API (below): each image is first
-resized by the run's --image-scale (the scale the network was trained at; CamVid runs see half-resolution images),
+resized by the run's --image-scale (the scale the network was trained at, e.g. 0.5 for a run made at half resolution),
 the class probabilities are brought back to the input's size, and the argmax is taken there. Inference mode: the
 run's --eval-mode, except that images of more than --max-whole-pixels pixels (after the resize) go through sliding
 windows of the run's crop size, --window-batch at a time, streamed into an accumulator: besides the image, its

@@ -229,6 +229,21 @@ def test_make_splits_round_trip(request, tmp_path, capsys, dataset, fixture, spl
     assert read[0] == drawn[0]  # the same (image, mask, key) entries
 
 
+def test_make_splits_without_split_writes_the_split_a_method_draws_without_one(camvid_lists, tmp_path):
+    """CamVid's default share is the protocol's 1/30 (13 of 367 labels), not the field's 1/8: make_splits follows
+    the method scripts' default, so its files are the labels a run without --split trains on."""
+    import importlib
+    args = importlib.import_module("methods.supervised").parse_args(["--dataset", "camvid", "--data-root",
+                                                                     str(camvid_lists), "--seed", "3"])
+    make_splits.main(["--dataset", "camvid", "--data-root", str(camvid_lists), "--seed", "3", "--out-dir",
+                      str(tmp_path / "split")])
+    labeled = (tmp_path / "split" / "labeled.txt").read_text().splitlines()
+    drawn = datasets.resolve_split(split_args("camvid", camvid_lists, args.split, seed=3))[0]
+    assert args.split == "1/30" and len(labeled) == len(drawn) == 13
+    assert keys(datasets.resolve_split(split_args("camvid", camvid_lists, "x", seed=9,
+                                                  split_dir=tmp_path / "split"))[0]) == keys(drawn)
+
+
 def test_make_splits_blender_and_missing_root(voc_lists, tmp_path):
     make_splits.main(["--dataset", "voc", "--data-root", str(voc_lists), "--split", "1/8", "--protocol", "blender",
                       "--out-dir", str(tmp_path / "b")])

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import cli
 import common
 import datasets
 from conftest import ROOT, run_method
@@ -166,6 +167,18 @@ def test_the_supervised_rows_are_the_calibrations_runs_when_their_arguments_matc
     assert not camvid_table.finished(base, 1) and camvid_table.source(base, 1) is None
     text = camvid_table.report([0, 1], [0])
     assert f"their calibration.txt names each): {base}_s0" in text
+
+
+def test_a_method_run_on_camvid_without_flags_is_its_table_row():
+    """CamVid's defaults are the table's protocol: `python methods/<m>.py --dataset camvid` (with `--split full` for
+    the upper bound) trains what the row's command does, run-control flags and the data's location aside."""
+    import importlib
+    for name, (script, split, _, _) in camvid_table.ROWS.items():
+        plain = ["--dataset", "camvid"] + (["--split", split] if split != camvid_table.SPLIT else [])
+        args = vars(importlib.import_module(f"methods.{script}").parse_args(plain))
+        # per-process batch sizes are set from the global ones once the process count is known (global_batch counts)
+        assert not cli.changed_args(json.loads(json.dumps(args, default=str)), camvid_table.expected_args(name, 0),
+                                    ignore={"data_root", "out", "batch_size", "unlabeled_batch_size"}), name
 
 
 def test_every_diagnostic_key_is_logged_by_some_method():

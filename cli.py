@@ -211,8 +211,8 @@ def base_parser(description: str, unlabeled_stream: bool = True) -> argparse.Arg
                    help="loader worker processes per training process (at most 4, and no more than this "
                         "machine's cores)")
     p.add_argument("--cache-images", action=argparse.BooleanOptionalAction,
-                   help="keep decoded (rescaled) images in each loader worker's memory (~0.2 MB per CamVid "
-                        "image at scale 0.5; off for the large datasets)")
+                   help="keep decoded (rescaled) images in each loader worker's memory (~0.7 MB per CamVid "
+                        "image and mask at full size; off for the large datasets)")
     p.add_argument("--log-every", type=positive_int, default=20, help="iterations between progress/loss updates")
     p.add_argument("--num-overlays", type=non_negative_int, default=4,
                    help="val images drawn as PNG overlays per eval")

@@ -894,7 +894,7 @@ def save_overlays(model: nn.Module, data, path: Path, count: int, device, pseudo
     """A PNG grid, one row per val image: image | ground truth | prediction (| pseudo-label), with column titles
     and a legend of the class colours. Label maps are drawn in flat class colours (white: ignored or, for a
     pseudo-label, dropped pixels) with nearest-neighbour scaling, so class boundaries stay exact and the file
-    stays small (flat colours compress well in PNG; a CamVid grid of 4 images is about 0.4 MB). Tiles are
+    stays small (flat colours compress well in PNG). Tiles are
     200-320 pixels wide: small toy images are enlarged, large Cityscapes images reduced. Returns the grid (an
     H x W x 3 uint8 array, for the trackers), None without val images."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend in a training run

@@ -7,7 +7,7 @@ usable when (a) all-label training has converged: its test mIoU gains < 0.5 over
 and (b) all labels beat the share by >= 5 test mIoU (mean over seeds, paired by seed). The walk goes from the
 cheapest cell, one knob at a time; results/camvid_protocol.md holds every cell run, its figures and the choice.
 
-Knobs: --iters (schedule), --head-lr-mult (1: ours so far; 10: UniMatch's VOC recipe, LiheYoung/UniMatch@0324f3d
+Knobs: --iters (schedule), --head-lr-mult (1: protocol v2's; 10: UniMatch's VOC recipe, LiheYoung/UniMatch@0324f3d
 configs/pascal.yaml `lr_multi`), the labeled share, --labeled-draw (spread evenly over each video sequence, or
 uniform random as the field's split files), the resolution (--image-scale 0.5 with 96x128 crops, or 1.0 with
 192x256). Everything else is the CamVid CPU setting of cli.DATASET_DEFAULTS (Lite0 ImageNet, decoder 64, batch 8).

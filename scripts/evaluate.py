@@ -2,7 +2,7 @@
 evaluator: same dataset, mode and mIoU code. Works in one process or under `accelerate launch`.
 
   python scripts/evaluate.py --weights runs/ctt_voc_1-8_s0/model_best.pt [--data-root ...] [--eval-mode sliding]
-  python scripts/evaluate.py --weights runs/ctt_camvid_1-8_s0/model_last.pt --split test   # a run's test_miou
+  python scripts/evaluate.py --weights runs/ctt_camvid_1-30_s0/model_last.pt --split test   # a run's test_miou
 
 --recalibrate-bn K (a diagnostic) first replaces every BatchNorm's running statistics by their average over K
 train-mode forwards of labeled training crops (the weak view, no gradient; each process its own), i.e. the statistics

@@ -1,7 +1,7 @@
 """Segment a folder of images with saved weights (OUT/model_best.pt or model_last.pt of any method): one
 class-index PNG and one colour overlay PNG per image, both at the input's size.
 
-  python scripts/predict.py --weights runs/supervised_camvid_1-8_s0/model_best.pt --images photos/ --out predictions/
+  python scripts/predict.py --weights runs/supervised_camvid_1-30_s0/model_best.pt --images photos/ --out predictions/
 
 Writes OUT/labels/<name>.png (palette PNG: each pixel's value is its class index, and image viewers show the
 dataset's class colours) and OUT/overlays/<name>.png (the image with the class colours blended over it, and a
@@ -33,7 +33,7 @@ class Segmenter:
     line).
 
         from scripts.predict import load_segmenter   # from the repository root
-        segment = load_segmenter("runs/supervised_camvid_1-8_s0/model_best.pt")
+        segment = load_segmenter("runs/supervised_camvid_1-30_s0/model_best.pt")
         labels = segment("photo.jpg")   # or a PIL image, or an H x W x 3 uint8 array -> H x W uint8 class indices
 
     Each image is resized by the run's --image-scale (`image_scale` overrides it), classified whole (the run's

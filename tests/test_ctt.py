@@ -565,10 +565,10 @@ torch.save(dict(banks=made[0].state_dict(), labels=labels), os.path.join(out, "b
 
 
 def test_until_the_banks_fill_ctt_trains_exactly_as_ctt_without_hc_and_lc(tmp_path):
-    """The CamVid table's CTT rows never fill the bicyclist queues, so HC/LC never switch on: the bank updates must
+    """The v2 CamVid table's CTT rows never filled the bicyclist queues, so HC/LC never switch on: the bank updates must
     then change nothing in training (no random draw, no gradient), and the default run is bit for bit the
     'w/o HC and LC' run (--lambda-hc 0 --lambda-lc 0), and so is the run with the old confidence-gated entry
-    (--bank-threshold 0.95; the table uses both identities). A queue of 10,000 never fills in 3 iterations."""
+    (--bank-threshold 0.95; the v2 table used both identities). A queue of 10,000 never fills in 3 iterations."""
     common_args = [*TINY, "--iters", "3", "--eval-every", "3"]
     run_method("ctt.py", [*common_args, "--queue-size", "10000", "--out", str(tmp_path / "banks")])
     run_method("ctt.py", [*common_args, "--lambda-hc", "0", "--lambda-lc", "0", "--out", str(tmp_path / "none")])

@@ -110,8 +110,8 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
 
 
 def test_a_run_made_by_another_command_is_never_reused(tmp_path, monkeypatch):
-    """A finished run whose command.txt is not its row's current command (e.g. Dual Teacher with the old
-    40-iteration shifts under the default row's name) is not finished, not in the table, and named as stale."""
+    """A finished run whose command.txt is not its row's current command (e.g. Dual Teacher with one-pass
+    shifts under the default row's name) is not finished, not in the table, and named as stale."""
     monkeypatch.setattr(camvid_table, "ROOT", tmp_path)
     _fake_run(f"dual_teacher_{T}", 0, [30.0, 50.0])
     _fake_run(f"dual_teacher_{T}", 1, [30.0, 48.0])

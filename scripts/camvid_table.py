@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))  # common and datasets (imported where the montage
 import cli  # noqa: E402
 from cli import description  # noqa: E402
 
-# Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md; until
-# its choice is written there, these values are the calibration's current candidate: run no row before it).
+# Protocol v3, chosen on supervised runs only (scripts/camvid_protocol.py, results/camvid_protocol.md: cell
+# 1-30_h10_i3200_480); CamVid's defaults in cli.DATASET_DEFAULTS are the same values.
 ITERS, SPLIT, LABELED_DRAW, HEAD_LR_MULT, RESOLUTION = 3200, "1/30", "spread", "10", "480"
 EVAL_EVERY = ITERS // 8  # as the calibration, so that its supervised runs are this table's (CALIBRATION below)
 TAG = SPLIT.replace("/", "-")

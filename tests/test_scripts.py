@@ -80,7 +80,7 @@ def test_report_rows_gains_ablations_archive_and_pictures(tmp_path, monkeypatch)
     row = lambda name: next(x for x in text.splitlines() if x.startswith(f"| {name} |"))  # noqa: E731
     # the headline is the test split (10 below val in these fabricated runs); val beside it
     assert row(f"supervised_{T}").endswith("| 3/3 | 30.0 / 31.0 / 32.0 | 31.0 ± 1.0 | - | - | 41.0 ± 1.0 | "
-                                          "85.0 ± 0.0 | 0.30 |")
+                                            "85.0 ± 0.0 | 0.30 |")
     # mean teacher: +4, +4, +5 over supervised: 4.3 ± 0.6, beyond the spread
     assert "| 3/3 | 34.0 / 35.0 / 37.0 | 35.3 ± 1.5 | +4.3 ± 0.6 **above** | - | 45.3 ± 1.5 |" in row(
         f"mean_teacher_{T}")
